@@ -1,0 +1,1 @@
+"""gRPC contracts (render.proto) and their generated Python modules."""

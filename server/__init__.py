@@ -1,0 +1,1 @@
+"""Central services: the Flower coordinator and the on-prem render node."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp: strategy, DP, SecAgg+, privacy budgets, checkpoints."""

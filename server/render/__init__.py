@@ -1,0 +1,1 @@
+"""The render node: gRPC service, job store, backend registry."""

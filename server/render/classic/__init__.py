@@ -1,0 +1,1 @@
+"""CPU backend: landmark paste, relighting and harmonisation without generative weights."""

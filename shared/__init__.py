@@ -1,0 +1,1 @@
+"""Common code imported by every role: records, config, crypto, policy, audit log, CLI."""
