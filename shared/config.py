@@ -29,7 +29,10 @@ class FaceSettings(_Section):
     min_face_px: int = 80
     min_brightness: float = 18.0
     max_brightness: float = 96.0
-    min_sharpness: float = 12.0
+    min_sharpness: float = 25.0
+    min_detector_score: float = 0.8
+    low_resolution_face_px: int = 160
+    competing_face_ratio: float = 0.5
     max_image_pixels: int = 40_000_000
     crop_size: int = 256
 
@@ -38,6 +41,7 @@ class IdentitySettings(_Section):
     """Identity Net training (client side). `base_model` None means the embedded tiny UNet."""
 
     base_model: Path | None = None
+    base_model_config: Path | None = None  # diffusers-layout SD-1.5 configs + tokenizer, for a single-file base_model
     token: str = "sks"
     class_word: str = "person"
     rank: int = 4

@@ -189,3 +189,20 @@ class Portrait:
     job_id: str
     pixels: np.ndarray
     metadata: dict
+
+
+@dataclass(frozen=True)
+class FaceCropSet:
+    """The classic backend's identity payload: a person's aligned face crops and their mean identity embedding.
+
+    Sent only under consent for the "classic face-crop payload" purpose; the diffusion backend gets an
+    `IdentityAdapter` instead.
+    """
+
+    person_ref: str
+    crops: tuple[FaceCrop, ...]
+    mean_embedding: np.ndarray
+    embedder: str
+
+
+IdentityPayload = IdentityAdapter | FaceCropSet
