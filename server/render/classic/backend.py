@@ -1,0 +1,397 @@
+"""The classic (CPU) render backend: Identity (paste) -> Shading -> Harmonization, each stage switchable.
+
+What each ablation means:
+- identity off: the person's face is not pasted; the template's own face is kept (harmonization then only brings
+  the template's skin to the person's tone).
+- shading off: the pasted face keeps the light of its own photo.
+- harmonize off: the (shaded) face is cut in along the person's face oval with a hard edge, template untouched.
+`identity` only is the naive paste.
+
+`ClassicBackend.render` follows `server.render.backends.RenderBackend`; `render_detailed` also returns the blend mask
+and intermediate layers for tests and the evaluation harness.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+
+import cv2
+import numpy as np
+
+from megaportrait.shared import portrait_metrics
+from megaportrait.shared.config import FaceSettings
+from megaportrait.shared.errors import MegaPortraitError
+from megaportrait.shared.face_analysis import FaceAnalyzer, cheek_nose_mask, face_oval_mask, skin_mask
+from megaportrait.shared.imaging import AI_GENERATED_LABEL
+from megaportrait.shared.logs import short_hash
+from megaportrait.shared.records import FaceCropSet, FaceRecord, IdentityPayload, Portrait, SourceImage, StageSwitches
+from megaportrait.shared.skin_tone import face_ita
+
+from .harmonize import (HarmonizeParams, PersonSegmenter, laplacian_blend, match_grain, noise_level, recolor_skin,
+                        refine_mask, skin_search_region, skin_tone, skin_weight, to_lab)
+from .paste import face_region_mask, paste_face
+from .shading import ShadingParams, mesh_normal_map, shade_face
+
+log = logging.getLogger("megaportrait.render.classic")
+
+BACKEND_NAME = "classic"
+
+
+class TemplateHasNoFace(MegaPortraitError):
+    """The template portrait shows no detectable face, so there is nowhere to put the person's face."""
+
+    reason = "template_no_face"
+
+    def __init__(self, template_sha256: str) -> None:
+        super().__init__(f"template {template_sha256[:12]} has no detectable face; choose a portrait with one "
+                         "clearly visible, front-facing face")
+
+
+class InvalidRenderParams(MegaPortraitError):
+    """A job's params for the classic backend are unknown or out of range; the message names the key."""
+
+    reason = "invalid_params"
+
+
+class UnsupportedIdentityPayload(MegaPortraitError):
+    """The classic backend needs a FaceCropSet (face crops), not a LoRA adapter."""
+
+    reason = "unsupported_payload"
+
+
+@dataclass(frozen=True)
+class ClassicParams:
+    """Every tunable of the classic backend, as a job's `params` dict may set them (unknown keys are refused).
+
+    source_crop: index of the crop in the FaceCropSet whose face is pasted (the site orders crops by preference).
+    forehead, grow: how far the pasted region reaches beyond the person's mesh face oval (`paste.face_region_mask`):
+        the upper half stretched up by `forehead` x the oval height (hairline and upper forehead carry much of a
+        person's look), the whole oval grown by `grow`.
+    feature_weight: 0..1, weight of eyes/brows/lips when estimating shading (0: skin only).
+    forehead_shading: 0..1, weight of the stretched forehead (above the mesh oval) when estimating shading, so the
+        template's light on its upper forehead carries over.
+    The rest are the stage parameters, documented in `ShadingParams` and `HarmonizeParams`.
+    Defaults were chosen on the 20 acceptance pairs (tests/server/render/classic/test_classic_acceptance.py).
+    """
+
+    source_crop: int = 0
+    forehead: float = 0.5
+    grow: float = 0.05
+    shading_sigma: float = ShadingParams.shading_sigma
+    periphery: float = ShadingParams.periphery
+    detail: float = ShadingParams.detail
+    sh_light: bool = ShadingParams.sh_light
+    max_gain: float = ShadingParams.max_gain
+    style_levels: int = ShadingParams.style_levels
+    feature_weight: float = 0.0
+    forehead_shading: float = 0.5
+    gain_min: float = ShadingParams.gain_min
+    gain_max: float = ShadingParams.gain_max
+    erode: float = HarmonizeParams.erode
+    feather: float = HarmonizeParams.feather
+    pyramid_levels: int = HarmonizeParams.pyramid_levels
+    tone_transfer: bool = HarmonizeParams.tone_transfer
+    grain: bool = HarmonizeParams.grain
+    cut_to_template: bool = HarmonizeParams.cut_to_template
+
+    @classmethod
+    def from_dict(cls, params: dict | None) -> "ClassicParams":
+        """Parse and check a job's params; raise InvalidRenderParams naming the bad key."""
+        params = dict(params or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise InvalidRenderParams(f"unknown classic-backend params {unknown}; known: {sorted(known)}")
+        values = {}
+        for name, value in params.items():
+            default = getattr(cls, name)
+            try:
+                if isinstance(default, bool):
+                    if not isinstance(value, bool):
+                        raise TypeError
+                    values[name] = value
+                elif isinstance(default, int):
+                    if isinstance(value, bool) or int(value) != value:
+                        raise TypeError
+                    values[name] = int(value)
+                else:
+                    values[name] = float(value)
+            except (TypeError, ValueError):
+                raise InvalidRenderParams(f"param {name}={value!r} must be a {type(default).__name__}") from None
+        parsed = cls(**values)
+        checks = {
+            "source_crop": parsed.source_crop >= 0,
+            "shading_sigma": 0.005 <= parsed.shading_sigma <= 1.0,
+            "feature_weight": 0.0 <= parsed.feature_weight <= 1.0,
+            "forehead_shading": 0.0 <= parsed.forehead_shading <= 1.0,
+            "periphery": 0.0 <= parsed.periphery <= 1.0,
+            "detail": 0.0 <= parsed.detail <= 1.0,
+            "max_gain": parsed.max_gain == 0.0 or 1.0 < parsed.max_gain <= 10.0,
+            "style_levels": 0 <= parsed.style_levels <= 8,
+            "gain_min": 0.0 < parsed.gain_min <= 1.0,
+            "gain_max": 1.0 <= parsed.gain_max <= 10.0,
+            "forehead": 0.0 <= parsed.forehead <= 1.0,
+            "grow": 0.0 <= parsed.grow <= 0.5,
+            "erode": 0.0 <= parsed.erode <= 0.3,
+            "feather": 0.0 <= parsed.feather <= 0.3,
+            "pyramid_levels": 1 <= parsed.pyramid_levels <= 8,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise InvalidRenderParams(f"param {name}={getattr(parsed, name)!r} is out of range")
+        return parsed
+
+    def shading(self) -> ShadingParams:
+        return ShadingParams(self.shading_sigma, self.periphery, self.detail, self.max_gain, self.sh_light,
+                             self.style_levels, self.gain_min, self.gain_max)
+
+    def harmonize(self) -> HarmonizeParams:
+        return HarmonizeParams(self.erode, self.feather, self.pyramid_levels, self.tone_transfer, self.grain,
+                               self.cut_to_template)
+
+
+@dataclass(frozen=True)
+class ClassicRender:
+    """A classic render with what tests and evaluation need besides the portrait.
+
+    face_layer: (H, W, 3) uint8, the person's face in the template frame after the stages that ran before blending.
+    blend_mask: (H, W) float32 in [0, 1], where the face layer replaced the template.
+    template_face: the template's face (template frame, with mesh when fitted).
+    person_face: the pasted face record moved into the template frame (None when identity is off).
+    """
+
+    portrait: Portrait
+    face_layer: np.ndarray
+    blend_mask: np.ndarray
+    template_face: FaceRecord
+    person_face: FaceRecord | None
+
+
+def _roi(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, h)
+    x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, w)
+    return slice(y0, y1), slice(x0, x1)
+
+
+def _noop_progress(stage: str, fraction: float) -> None:
+    pass
+
+
+class ClassicBackend:
+    """CPU MegaPortrait backend without generative weights. Face models load lazily on first render."""
+
+    name = BACKEND_NAME
+
+    def __init__(self, analyzer: FaceAnalyzer | None = None, settings: FaceSettings | None = None) -> None:
+        self._analyzer = analyzer
+        self._settings = settings
+        self._segmenter = PersonSegmenter()
+
+    @property
+    def analyzer(self) -> FaceAnalyzer:
+        if self._analyzer is None:
+            self._analyzer = FaceAnalyzer(self._settings)
+        return self._analyzer
+
+    def render(self, job_id: str, template: SourceImage, identity: IdentityPayload, *, stages: StageSwitches,
+               seed: int, params: dict, progress=_noop_progress) -> Portrait:
+        """The portrait at the template's size, metadata filled (see `render_detailed`)."""
+        return self.render_detailed(job_id, template, identity, stages=stages, seed=seed, params=params,
+                                    progress=progress).portrait
+
+    def template_face(self, template: SourceImage) -> tuple[FaceRecord, list[str]]:
+        """The template's largest face with mesh and embedding; fallbacks named when the mesh is missing."""
+        faces = self.analyzer.detect(template)
+        if not faces:
+            raise TemplateHasNoFace(template.sha256)
+        face = self.analyzer.fit_mesh(template, faces[0])
+        face = self.analyzer.embed(template, face)
+        return face, ([] if face.mesh is not None else ["template:mesh_missing"])
+
+    def render_detailed(self, job_id: str, template: SourceImage, identity: IdentityPayload, *,
+                        stages: StageSwitches = StageSwitches(), seed: int = 0, params: dict | None = None,
+                        progress=_noop_progress) -> ClassicRender:
+        """Run the enabled stages in order and fill the portrait's metadata.
+
+        metadata: backend, stages, params (all, resolved), seed, identity_score (SFace cosine of the output's face to
+        the payload's mean embedding), ita {person, template, output}, fallbacks (named, empty if none), provenance
+        (the AI-generated label), plus embedder, template_sha256, source_sha256, person_ref and seconds per stage.
+        """
+        if not isinstance(identity, FaceCropSet):
+            raise UnsupportedIdentityPayload(f"classic backend needs a FaceCropSet, got {type(identity).__name__}")
+        p = ClassicParams.from_dict(params)
+        if not identity.crops:
+            raise InvalidRenderParams("the FaceCropSet holds no crops")
+        if p.source_crop >= len(identity.crops):
+            raise InvalidRenderParams(f"param source_crop={p.source_crop} but the payload has {len(identity.crops)} crops")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        pixels = template.pixels
+        shape = pixels.shape[:2]
+        tface, fallbacks = self.template_face(template)
+        crop = identity.crops[p.source_crop]
+        if crop.face.mesh is None:
+            fallbacks.append("source:mesh_missing")
+        face_px = float(tface.box[2])
+        template_oval = face_oval_mask(tface, shape)
+        template_skin = skin_mask(tface, shape)
+        timings["analyse"] = time.perf_counter() - t0
+
+        # -- Identity: paste the person's face onto the template's, keeping the person's geometry.
+        progress("identity", 0.0)
+        t = time.perf_counter()
+        person_face = None
+        if stages.identity:
+            pasted, taken = paste_face(crop, tface, shape, p.forehead, p.grow)
+            fallbacks += taken
+            layer, person_face, person_oval = pasted.layer, pasted.face, pasted.oval
+            person_skin = skin_mask(person_face, shape) & person_oval
+        else:
+            layer, person_oval, person_skin = pixels.copy(), template_oval, template_skin
+        timings["identity"] = time.perf_counter() - t
+        progress("identity", 1.0)
+
+        rows, cols = _roi(cv2.bitwise_or(person_oval, template_oval), int(0.5 * face_px))
+        region = cv2.GaussianBlur(person_oval[rows, cols].astype(np.float32) / 255.0, (0, 0), max(1.0, 0.02 * face_px))
+
+        # -- Shading: the template's light and photographic style on the person's face.
+        progress("shading", 0.0)
+        t = time.perf_counter()
+        if stages.shading and stages.identity:
+            layer = layer.copy()
+            fw = p.feature_weight
+            p_oval = face_oval_mask(person_face, shape)[rows, cols].astype(np.float32) / 255.0
+            t_oval = template_oval[rows, cols].astype(np.float32) / 255.0
+            p_skin = person_skin[rows, cols].astype(np.float32) / 255.0
+            t_skin = template_skin[rows, cols].astype(np.float32) / 255.0
+            if p.forehead_shading > 0:
+                # The upper forehead (above the mesh oval) is lit like the rest of the face: let it count.
+                p_top = face_region_mask(person_face, shape, p.forehead) & ~face_oval_mask(person_face, shape)
+                t_top = face_region_mask(tface, shape, p.forehead) & ~template_oval
+                p_skin = np.maximum(p_skin, p.forehead_shading * p_top[rows, cols].astype(np.float32) / 255.0)
+                t_skin = np.maximum(t_skin, p.forehead_shading * t_top[rows, cols].astype(np.float32) / 255.0)
+            layer[rows, cols] = shade_face(layer[rows, cols], pixels[rows, cols],
+                                           p_skin + fw * np.clip(p_oval - p_skin, 0, 1),
+                                           t_skin + fw * np.clip(t_oval - t_skin, 0, 1),
+                                           region, face_px, p.shading(),
+                                           cv2.GaussianBlur(p_oval, (0, 0), max(1.0, 0.03 * face_px)),
+                                           *(self._normals(person_face, tface, rows, cols, face_px, fallbacks)
+                                             if p.sh_light else (None, None)),
+                                           cheek_nose_mask(person_face, shape)[rows, cols].astype(np.float32) / 255.0,
+                                           cheek_nose_mask(tface, shape)[rows, cols].astype(np.float32) / 255.0)
+        timings["shading"] = time.perf_counter() - t
+        progress("shading", 1.0)
+
+        # -- Harmonization: refined mask, template skin to the person's tone, grain, pyramid blend.
+        progress("harmonize", 0.0)
+        t = time.perf_counter()
+        if stages.harmonize:
+            hp = p.harmonize()
+            mask = refine_mask(person_oval, template_oval, face_px, hp)
+            body = pixels
+            if hp.tone_transfer:
+                if stages.identity:
+                    person_tone = skin_tone(to_lab(layer[rows, cols]), person_skin[rows, cols])
+                else:
+                    person_tone = skin_tone(to_lab(crop.pixels), skin_mask(crop.face, crop.pixels.shape[:2]))
+                try:
+                    person_prob = self._segmenter(pixels)
+                except Exception as exc:  # noqa: BLE001 - any failure of the optional model is a named fallback
+                    log.warning("person segmentation failed (%s); using position alone", type(exc).__name__)
+                    fallbacks.append("harmonize:no_person_mask")
+                    person_prob = None
+                body = self._tone_body(pixels, template_oval, template_skin, tface, face_px, person_prob, person_tone)
+                if not stages.identity:
+                    layer = body
+            fg = layer[rows, cols]
+            if hp.grain:
+                target = noise_level(pixels[rows, cols], template_skin[rows, cols])
+                fg = match_grain(fg, target, mask[rows, cols], np.random.default_rng(seed))
+            out = body.copy()
+            out[rows, cols] = laplacian_blend(fg, body[rows, cols], mask[rows, cols], hp.pyramid_levels)
+        else:
+            mask = (person_oval > 0).astype(np.float32)
+            out = np.where(person_oval[..., None] > 0, layer, pixels)
+        timings["harmonize"] = time.perf_counter() - t
+        progress("harmonize", 1.0)
+
+        t = time.perf_counter()
+        metadata = self._metadata(out, identity, crop, tface, stages, p, seed, fallbacks, template)
+        timings["score"] = time.perf_counter() - t
+        metadata["seconds"] = {k: round(v, 4) for k, v in timings.items()}
+        log.info("classic render %s: stages=%s identity=%s fallbacks=%s", short_hash(job_id),
+                 ",".join(stages.enabled()), metadata["identity_score"], metadata["fallbacks"])
+        portrait = Portrait(job_id=job_id, pixels=out, metadata=metadata)
+        return ClassicRender(portrait=portrait, face_layer=layer, blend_mask=mask, template_face=tface,
+                             person_face=person_face)
+
+    @staticmethod
+    def _tone_body(pixels: np.ndarray, template_oval: np.ndarray, template_skin: np.ndarray, tface: FaceRecord,
+                   face_px: float, person_prob: np.ndarray | None, person_tone: np.ndarray) -> np.ndarray:
+        """The template with its visible skin brought to the person's tone. The skin weight is smooth, so it is
+        found at half size on large templates; recolouring touches only the box where the weight is nonzero."""
+        h, w = pixels.shape[:2]
+        scale = 0.5 if max(h, w) > 700 else 1.0
+        size = (round(w * scale), round(h * scale))
+
+        def small(a: np.ndarray, interp: int = cv2.INTER_AREA) -> np.ndarray:
+            return a if scale == 1.0 else cv2.resize(a, size, interpolation=interp)
+
+        lab = to_lab(small(pixels))
+        skin_small = small(template_skin, cv2.INTER_NEAREST)
+        search = skin_search_region(small(template_oval, cv2.INTER_NEAREST), tface.landmarks5 * scale,
+                                    face_px * scale, None if person_prob is None else small(person_prob))
+        weight = skin_weight(lab, skin_small, search, max(1.5, 0.015 * face_px * scale))
+        if scale != 1.0:
+            weight = cv2.resize(weight, (w, h), interpolation=cv2.INTER_LINEAR)
+        ys, xs = np.nonzero(weight > 1e-3)
+        body = pixels.copy()
+        if ys.size:
+            box = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
+            body[box] = recolor_skin(pixels[box], weight[box], skin_tone(lab, skin_small), person_tone)
+        return body
+
+    @staticmethod
+    def _normals(person: FaceRecord, template: FaceRecord, rows: slice, cols: slice, face_px: float,
+                 fallbacks: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Surface-normal maps of both faces over the region of interest, or (None, None) without both meshes."""
+        if person.mesh is None or template.mesh is None:
+            fallbacks.append("shading:ratio_only_no_mesh")
+            return None, None
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        offset = np.array([cols.start, rows.start, 0], np.float32)
+        smooth = max(1.0, 0.03 * face_px)
+        return (mesh_normal_map(person.mesh - offset, shape, smooth), mesh_normal_map(template.mesh - offset, shape, smooth))
+
+    def _metadata(self, out: np.ndarray, identity: FaceCropSet, crop, tface: FaceRecord, stages: StageSwitches,
+                  p: ClassicParams, seed: int, fallbacks: list[str], template: SourceImage) -> dict:
+        face = portrait_metrics.output_face(self.analyzer, out)
+        score = None
+        ita_out = None
+        if face is None:
+            fallbacks.append("score:no_face_in_output")
+        else:
+            ita_out = face_ita(out, face)
+            if face.embedder == identity.embedder:
+                score = portrait_metrics.identity_cosine(face, identity.mean_embedding)
+            else:
+                fallbacks.append("score:embedder_mismatch")
+        return {
+            "backend": BACKEND_NAME,
+            "stages": list(stages.enabled()),
+            "params": asdict(p),
+            "seed": int(seed),
+            "identity_score": None if score is None else round(score, 4),
+            "ita": {"person": round(face_ita(crop.pixels, crop.face), 2),
+                    "template": round(face_ita(template.pixels, tface), 2),
+                    "output": None if ita_out is None else round(ita_out, 2)},
+            "fallbacks": list(fallbacks),
+            "provenance": AI_GENERATED_LABEL,
+            "embedder": self.analyzer.embedder,
+            "person_ref": identity.person_ref,
+            "template_sha256": template.sha256,
+            "source_sha256": crop.source_sha256,
+        }

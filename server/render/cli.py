@@ -1,0 +1,89 @@
+"""`megaportrait render-node ...`: make the node's keys, trust a site, serve the gRPC API.
+
+Heavy imports (grpc, backends) happen inside the commands, so `megaportrait --help` stays fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="The on-prem render node: keys, trusted sites, gRPC service.", no_args_is_help=True)
+
+STATE_DIR = typer.Option(Path("runs/render-node"), "--state-dir", help="Keys, trusted sites and the job store live here.")
+
+
+@app.command()
+def keygen(
+    state_dir: Path = STATE_DIR,
+    node_id: str = typer.Option("render-node", help="Name this node signs deletion confirmations with."),
+) -> None:
+    """Create the node's HPKE (ML-KEM-768+X25519) and Ed25519 keys; print node_public.json's path for the sites."""
+    from megaportrait.server.render.node import NodeIdentity
+    from megaportrait.shared.crypto import ed25519_fingerprint
+
+    identity = NodeIdentity.generate(node_id)
+    public = identity.save(state_dir)
+    pub = identity.public()
+    typer.echo(f"wrote node keys under {state_dir / 'keys'} (mode 0600)")
+    typer.echo(f"give this file to the sites: {public}")
+    typer.echo(f"HPKE key fingerprint:    {pub.hpke.fingerprint()}")
+    typer.echo(f"signing key fingerprint: {ed25519_fingerprint(pub.signing)}")
+
+
+@app.command("trust-site")
+def trust_site(
+    site_id: str = typer.Option(..., help="The site's id, as it appears in its payload headers."),
+    key: Path = typer.Option(..., exists=True, dir_okay=False, help="The site's Ed25519 public key (PEM)."),
+    state_dir: Path = STATE_DIR,
+) -> None:
+    """Accept payloads signed by this site key."""
+    from megaportrait.server.render.payloads import TrustedSites
+    from megaportrait.shared.crypto import load_ed25519_public
+
+    fp = TrustedSites().add(site_id, load_ed25519_public(key), state_dir / "trusted_sites")
+    typer.echo(f"trusted site {site_id} key {fp}")
+
+
+@app.command()
+def serve(
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Keys, trusted sites and the job store [render.state_dir]."),
+    listen: Optional[str] = typer.Option(None, help="host:port to listen on; port 0 picks a free one [render.listen]."),
+    tls_dir: Optional[Path] = typer.Option(None, help="Holds ca.pem and <cert-name>.pem/.key from `megaportrait pki init` [render.tls_dir]."),
+    cert_name: str = typer.Option("render-node", help="Certificate name inside --tls-dir."),
+    backend: Optional[str] = typer.Option(None, help="Default backend for jobs that name none [render.backend]."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Jobs rendered at once [render.workers]."),
+    config: Optional[Path] = typer.Option(None, help="MegaPortrait YAML config (else $MEGAPORTRAIT_CONFIG, else defaults)."),
+) -> None:
+    """Serve the render API over mutual TLS until interrupted (SIGINT/SIGTERM); unfinished jobs resume next start."""
+    import signal
+    import threading
+
+    from megaportrait.server.render.backends import default_registry
+    from megaportrait.server.render.node import RenderNode
+    from megaportrait.server.render.service import TLSFiles, start_server
+    from megaportrait.shared.config import load_settings
+    from megaportrait.shared.logs import configure_logging
+
+    configure_logging()
+    rs = load_settings(config).render
+    state_dir = state_dir or rs.state_dir
+    node = RenderNode.from_state_dir(
+        state_dir, registry=default_registry(rs), default_backend=backend or rs.backend, workers=workers or rs.workers,
+        max_attempts=rs.max_job_attempts,
+    )
+    resumed, ended = node.start()
+    typer.echo(f"recovered jobs: {len(resumed)} resumed, {len(ended)} ended")
+    server, port = start_server(node, listen or rs.listen, TLSFiles.from_dir(tls_dir or rs.tls_dir, cert_name))
+    typer.echo(f"render node {node.identity.node_id} serving on port {port} (mutual TLS); Ctrl-C stops it")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    server.stop(grace=5).wait()
+    node.stop()
+    typer.echo("stopped; unfinished jobs resume on the next start")

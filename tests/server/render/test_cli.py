@@ -1,0 +1,84 @@
+"""`megaportrait render-node keygen | trust-site | serve`: keys on disk, and a served node reachable over mTLS."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typer.testing import CliRunner
+
+from megaportrait.protos import render_pb2 as pb
+from megaportrait.server.render.payloads import TrustedSites
+from megaportrait.server.render.service import TLSFiles, client_channel, stub
+from megaportrait.shared import pki
+from megaportrait.shared.cli import app
+from megaportrait.shared.crypto import NodePublicKeys, ed25519_public_pem
+
+
+def test_keygen_and_trust_site(tmp_path):
+    runner = CliRunner()
+    state = tmp_path / "state"
+    result = runner.invoke(app, ["render-node", "keygen", "--state-dir", str(state), "--node-id", "node-7"])
+    assert result.exit_code == 0, result.output
+    public = NodePublicKeys.load(state / "node_public.json")
+    assert public.node_id == "node-7" and public.hpke.fingerprint() in result.output
+    assert stat.S_IMODE((state / "keys" / "node_hpke.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((state / "keys" / "node_signing.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((state / "keys" / "store.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((state / "keys").stat().st_mode) == 0o700
+    again = runner.invoke(app, ["render-node", "keygen", "--state-dir", str(state)])
+    assert again.exit_code != 0 and isinstance(again.exception, FileExistsError)
+
+    site = Ed25519PrivateKey.generate()
+    (tmp_path / "site.pem").write_bytes(ed25519_public_pem(site))
+    result = runner.invoke(app, ["render-node", "trust-site", "--state-dir", str(state), "--site-id", "site-a", "--key", str(tmp_path / "site.pem")])
+    assert result.exit_code == 0, result.output
+    trusted = TrustedSites.load(state / "trusted_sites")
+    assert list(trusted.keys) == ["site-a"] and len(trusted.keys["site-a"]) == 1
+
+
+def test_serve_answers_over_mtls_and_stops_on_sigterm(tmp_path):
+    state, tls_dir = tmp_path / "state", tmp_path / "pki"
+    assert CliRunner().invoke(app, ["render-node", "keygen", "--state-dir", str(state)]).exit_code == 0
+    pki.init_pki(tls_dir, servers={"render-node": ("localhost", "127.0.0.1")}, clients=("site-a",))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from megaportrait.shared.cli import app; app()", "render-node", "serve", "--state-dir", str(state),
+         "--listen", "127.0.0.1:0", "--tls-dir", str(tls_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        port = None
+        deadline = time.time() + 60
+        lines = []
+        while port is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "serving on port" in line:
+                port = int(line.split("serving on port")[1].split()[0])
+        assert port, "".join(lines)
+        channel = client_channel(f"localhost:{port}", TLSFiles.from_dir(tls_dir, "site-a"))
+        info = stub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=30)
+        assert info.node_id == "render-node" and info.default_backend == "classic"
+        assert info.hpke_fingerprint == NodePublicKeys.load(state / "node_public.json").hpke.fingerprint()
+        channel.close()
+        plain = grpc.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            stub(plain).GetNodeInfo(pb.NodeInfoRequest(), timeout=5)
+            raise AssertionError("a plaintext client was served")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+        plain.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
