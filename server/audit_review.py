@@ -1,0 +1,201 @@
+"""The reviewers' audit page: a read-only FastAPI app over one or more audit logs.
+
+Reviewers authenticate with HTTP Basic against scrypt hashes from the config (`policy.reviewers`, made with
+`megaportrait audit hash-password`); there is no other role and no endpoint that writes. The page shows each log's
+verification result (the same `audit.verify` the CLI runs) and the entries that match a filter given in the query
+string (person, site, action, outcome, since, until), rendered server-side; JSON and CSV exports take the same
+filter.
+"""
+# No `from __future__ import annotations`: FastAPI resolves the routes' dependency annotations at runtime.
+
+import csv
+import hashlib
+import hmac
+import html
+import io
+import json
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Mapping, Sequence
+from urllib.parse import urlencode
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fastapi import Depends, FastAPI, HTTPException, Query, status
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from megaportrait.shared import audit
+
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+MAX_ROWS = 2000
+"""The page shows at most this many matching entries (newest first); exports have no limit."""
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    """A reviewer credential hash for the config: 'scrypt$n$r$p$salt_hex$hash_hex'."""
+    if not password:
+        raise ValueError("empty password")
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
+    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, hashed: str) -> bool:
+    """Constant-time check of a password against `hash_password` output; False for any malformed hash."""
+    try:
+        scheme, n, r, p, salt_hex, digest_hex = hashed.split("$")
+        if scheme != "scrypt":
+            return False
+        digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt_hex), n=int(n), r=int(r), p=int(p), dklen=32)
+    except ValueError:
+        return False
+    return hmac.compare_digest(digest.hex(), digest_hex)
+
+
+@dataclass(frozen=True)
+class ReviewedLog:
+    """One component's audit log and the public key its entries must verify with."""
+
+    path: Path
+    public_key: Ed25519PublicKey
+
+
+class _VerifyCache:
+    """Re-verify a log only when its files changed (size and mtime of the log and its checkpoints)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[Path, tuple[tuple, audit.VerifyReport]] = {}
+
+    def get(self, log: ReviewedLog) -> audit.VerifyReport:
+        stamp = tuple((os.stat(p).st_size, os.stat(p).st_mtime_ns) if os.path.exists(p) else None
+                      for p in (log.path, f"{log.path}.checkpoints"))  # fmt: skip
+        with self._lock:
+            hit = self._cache.get(log.path)
+            if hit and hit[0] == stamp:
+                return hit[1]
+        report = audit.verify(log.path, log.public_key)
+        with self._lock:
+            self._cache[log.path] = (stamp, report)
+        return report
+
+
+def _parse_time(name: str, value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{name}: {value!r} is not an ISO date/time (e.g. 2026-11-25T08:00)") from None
+
+
+_PAGE_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}
+table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #ccc;padding:.2rem .4rem;vertical-align:top}
+th{background:#f3f3f3}.ok{color:#0a6b2b}.bad{color:#a40000}tr.o-refused{background:#fff4e0}tr.o-failed{background:#fde8e8}
+form label{margin-right:.8rem}code{font-size:.8rem}
+"""
+
+
+def create_review_app(logs: Sequence[ReviewedLog], reviewers: Mapping[str, str]) -> FastAPI:
+    """The reviewer app over `logs`; `reviewers` maps reviewer name -> `hash_password` hash. Only GET routes."""
+    if not reviewers:
+        raise ValueError("no reviewers configured: add `policy.reviewers` (name: hash from `megaportrait audit hash-password`)")
+    for name, hashed in reviewers.items():
+        if not hashed.startswith("scrypt$"):
+            raise ValueError(f"reviewer {name!r}: credential must be a hash from `megaportrait audit hash-password`, not a password")
+    app = FastAPI(title="MegaPortrait audit review", docs_url=None, redoc_url=None, openapi_url=None)
+    basic = HTTPBasic(realm="megaportrait-audit")
+    cache = _VerifyCache()
+    paths = [log.path for log in logs]
+
+    def reviewer(creds: Annotated[HTTPBasicCredentials, Depends(basic)]) -> str:
+        hashed = reviewers.get(creds.username)
+        # Hash even for unknown names so a wrong name and a wrong password take the same time.
+        ok = check_password(creds.password, hashed or next(iter(reviewers.values())))
+        if not (hashed and ok):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown reviewer or wrong password",
+                                headers={"WWW-Authenticate": 'Basic realm="megaportrait-audit"'})  # fmt: skip
+        return creds.username
+
+    def entry_filter(
+        person: str = "", site: str = "", action: str = "", outcome: str = "",
+        since: Annotated[str | None, Query()] = None, until: Annotated[str | None, Query()] = None,
+    ) -> audit.EntryFilter:  # fmt: skip
+        if outcome and outcome not in audit.OUTCOMES:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"outcome must be one of {', '.join(audit.OUTCOMES)}")
+        return audit.EntryFilter(person=person.strip(), site=site.strip(), action=action.strip(), outcome=outcome,
+                                 since=_parse_time("since", since), until=_parse_time("until", until))  # fmt: skip
+
+    @app.middleware("http")
+    async def headers(request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    def page(who: Annotated[str, Depends(reviewer)], flt: Annotated[audit.EntryFilter, Depends(entry_filter)]) -> HTMLResponse:
+        reports = [cache.get(log) for log in logs]
+        entries = audit.filter_entries(paths, flt)
+        return HTMLResponse(_render_page(who, reports, entries, flt))
+
+    @app.get("/export.json")
+    def export_json(who: Annotated[str, Depends(reviewer)], flt: Annotated[audit.EntryFilter, Depends(entry_filter)]) -> JSONResponse:
+        return JSONResponse([e.to_json() for e in audit.filter_entries(paths, flt)])
+
+    @app.get("/export.csv")
+    def export_csv(who: Annotated[str, Depends(reviewer)], flt: Annotated[audit.EntryFilter, Depends(entry_filter)]) -> Response:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=audit.CSV_COLUMNS)
+        writer.writeheader()
+        for e in audit.filter_entries(paths, flt):
+            writer.writerow(audit.entry_row(e))
+        return Response(buf.getvalue(), media_type="text/csv",
+                        headers={"Content-Disposition": 'attachment; filename="audit.csv"'})  # fmt: skip
+
+    return app
+
+
+def _render_page(who: str, reports: Sequence[audit.VerifyReport], entries: Sequence[audit.AuditEntry], flt: audit.EntryFilter) -> str:
+    e = html.escape
+    status_rows = []
+    for r in reports:
+        if r.ok:
+            status_rows.append(f'<li class="ok" data-log-ok="1">{e(r.path.name)}: verified, {r.entries} entries, '
+                               f"last checkpoint at size {r.last_checkpoint_size}</li>")  # fmt: skip
+        else:
+            problems = "".join(f"<li>{e(str(p))}</li>" for p in r.problems[:50])
+            status_rows.append(f'<li class="bad" data-log-ok="0">{e(r.path.name)}: {len(r.problems)} problem(s)<ul>{problems}</ul></li>')
+    values = {"person": flt.person, "site": flt.site, "action": flt.action, "outcome": flt.outcome,
+              "since": flt.since.isoformat() if flt.since else "", "until": flt.until.isoformat() if flt.until else ""}  # fmt: skip
+    fields = "".join(f'<label>{k} <input name="{k}" value="{e(v)}" size="14"></label>' for k, v in values.items() if k != "outcome")
+    options = "".join(f'<option value="{o}"{" selected" if o == flt.outcome else ""}>{o or "any"}</option>' for o in ("", *audit.OUTCOMES))
+    fields += f'<label>outcome <select name="outcome">{options}</select></label>'
+    query = urlencode({k: v for k, v in values.items() if v})
+    shown = list(reversed(entries))[:MAX_ROWS]
+    rows = "".join(
+        f'<tr class="entry o-{e(x.outcome)}" data-person="{e(x.person)}" data-action="{e(x.action)}">'
+        f"<td>{e(x.ts)}</td><td>{e(x.component)}</td><td>{x.seq}</td><td>{e(x.actor)}</td><td>{e(x.action)}</td>"
+        f"<td><code>{e(x.person)}</code></td><td>{e(x.outcome)}</td><td><code>{e(x.policy[:12])}</code></td>"
+        f"<td><code>{e(' '.join(d[:12] for d in x.data))}</code></td>"
+        f"<td><code>{e(json.dumps(x.detail, sort_keys=True))}</code></td></tr>"
+        for x in shown
+    )
+    more = f"<p>Showing the newest {MAX_ROWS}; export for all.</p>" if len(entries) > MAX_ROWS else ""
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>MegaPortrait audit review</title>
+<style>{_PAGE_CSS}</style></head><body>
+<h1>Audit review</h1><p>Signed in as <b id="reviewer">{e(who)}</b> (read-only).</p>
+<h2>Log verification</h2><ul id="verification">{''.join(status_rows)}</ul>
+<h2>Entries</h2><form method="get" action="/">{fields}<button type="submit">Filter</button> <a href="/">clear</a></form>
+<p id="count">{len(entries)} matching entries</p>{more}
+<p>Export: <a href="/export.json?{e(query)}">JSON</a> · <a href="/export.csv?{e(query)}">CSV</a></p>
+<table id="entries"><thead><tr><th>time (UTC)</th><th>component</th><th>seq</th><th>actor</th><th>action</th><th>person</th>
+<th>outcome</th><th>policy</th><th>data</th><th>detail</th></tr></thead><tbody>{rows}</tbody></table>
+</body></html>"""
