@@ -1,0 +1,483 @@
+"""Flower ClientApp: a customer site's part in federated rounds of the *global* Identity Net adapter.
+
+Two levels of adapter, and only one of them is federated:
+
+- **Global adapter** (federated). One LoRA (the Identity Net's rank/targets) on the base UNet, trained at every site
+  on *all* of that site's consented face crops under the class prompt ("a photo of person"), with no identity
+  token. It learns what the sites' photos share (faces, framing, lighting of real portrait photos) and is averaged
+  across sites by the coordinator. Each round a site trains it locally with Opacus DP-SGD (per-photo clipping and
+  noise, `client.identity.train_lora`), Flower's `fixedclipping_mod` clips the site's whole update to the
+  coordinator's clipping norm (the coordinator adds central noise), and with secure aggregation `secaggplus_mod`
+  masks the update so the coordinator only ever sees the sum over sites.
+- **Per-person adapters** (never federated). `personalise_adapter` starts from the latest global adapter this site
+  received and fine-tunes it on one person's crops with the identity prompt ("a photo of sks person"). The result
+  is an `IdentityAdapter` kept at the site (or sealed to a render node by client/payload.py under consent); no
+  function in this module sends it anywhere.
+
+What leaves the site, per round (and nothing else; `outbox_audit_mod` writes every outgoing message to the site's
+`outbox/` folder so the site can check this itself):
+
+- the global adapter's LoRA arrays after local training, clipped (masked too under SecAgg+), in the same order and
+  shapes the coordinator sent;
+- a metrics record: `site-id`, `epsilon` (cumulative, from the Opacus accountant), `delta`, `steps`,
+  `n-examples` (number of crops), `round-loss`;
+- answers to the coordinator's budget query: `site-id`, `epsilon`, `epsilon-next` (what the accountant says the
+  next round would bring the site to), `n-examples`;
+- under SecAgg+, the protocol's public keys, encrypted key shares and masked vectors.
+
+Photos, crops, embeddings, per-person adapters and file names never leave.
+
+Where a site's photos are (read from the Flower context, never sent):
+- deployment (`flower-supernode --node-config`): `data-dir` (one sub-folder of photos per person), `state-dir`
+  (crop cache, privacy ledger, global adapter, outbox audit), optional `site-id` (default: the data folder's name);
+- simulation (node config has only `partition-id`): run config `sim-sites-dir` holds one folder per site (sorted;
+  partition k takes the k-th) and `sim-state-dir` one state folder per site.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.client import NumPyClient
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from megaportrait.shared.errors import MegaPortraitError
+
+log = logging.getLogger("megaportrait.client.federation")
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+METRIC_KEYS = ("site-id", "epsilon", "delta", "steps", "n-examples", "round-loss")
+PROPERTY_KEYS = ("site-id", "epsilon", "epsilon-next", "n-examples")
+LEDGER_FILE = "privacy-ledger.json"
+GLOBAL_ADAPTER_FILE = "global-adapter.npz"
+OUTBOX_DIR = "outbox"
+
+
+class SiteError(MegaPortraitError):
+    """A site cannot take part in a round: its configuration or data is unusable, or a round would break its
+    privacy budget. `reason` says which."""
+
+    reason = "site_error"
+
+
+# --- where the site's data lives ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site's local folders. data_dir: one sub-folder of photos per person. state_dir: what the site keeps
+    between rounds (crop cache, privacy ledger, last global adapter, outbox audit)."""
+
+    site_id: str
+    data_dir: Path
+    state_dir: Path
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.state_dir / OUTBOX_DIR
+
+
+def site_from_context(context: Context) -> SiteConfig:
+    """The site's folders from the node config (deployment) or the run config + partition id (simulation)."""
+    node, run = context.node_config, context.run_config
+    if "data-dir" in node:
+        data_dir = Path(str(node["data-dir"])).expanduser()
+        if "state-dir" not in node:
+            raise SiteError("node config has data-dir but no state-dir; pass --node-config "
+                            "'data-dir=\"...\" state-dir=\"...\"'", reason="site_config")
+        site_id = str(node.get("site-id") or data_dir.name)
+        state_dir = Path(str(node["state-dir"])).expanduser()
+    elif "partition-id" in node and str(run.get("sim-sites-dir", "")):
+        sites_dir = Path(str(run["sim-sites-dir"])).expanduser()
+        folders = sorted(p for p in sites_dir.iterdir() if p.is_dir()) if sites_dir.is_dir() else []
+        pid = int(node["partition-id"])
+        if pid >= len(folders):
+            raise SiteError(f"simulation partition {pid} has no site folder in {sites_dir} ({len(folders)} found)",
+                            reason="site_config")
+        data_dir = folders[pid]
+        site_id = data_dir.name
+        state_root = Path(str(run.get("sim-state-dir") or sites_dir.with_name(sites_dir.name + "-state")))
+        state_dir = state_root.expanduser() / site_id
+    else:
+        raise SiteError("no site data configured: give the SuperNode --node-config 'data-dir=... state-dir=...' "
+                        "or the simulation run config sim-sites-dir", reason="site_config")
+    if not data_dir.is_dir():
+        raise SiteError(f"site data folder {data_dir} does not exist", reason="site_config")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return SiteConfig(site_id=site_id, data_dir=data_dir, state_dir=state_dir)
+
+
+def person_photos(data_dir: Path) -> dict[str, list[Path]]:
+    """person folder name -> sorted photo paths; photos directly in `data_dir` count as one person "_"."""
+    people: dict[str, list[Path]] = {}
+    for p in sorted(data_dir.rglob("*")):
+        if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES:
+            person = p.parent.name if p.parent != data_dir else "_"
+            people.setdefault(person, []).append(p)
+    return people
+
+
+@dataclass(frozen=True)
+class SiteCrops:
+    """A site's face crops. pixels: (N, S, S, 3) uint8 RGB; photo_sha256[i] and person[i] describe row i."""
+
+    pixels: np.ndarray
+    photo_sha256: tuple[str, ...]
+    person: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def load_site_crops(site: SiteConfig, crop_size: int, *, show_progress: bool = False) -> SiteCrops:
+    """Face crops of every accepted photo at the site, from `client.faces.intake_photos`; cached in the state
+    folder under a key of the photos' bytes and the crop size, so later rounds skip face analysis."""
+    people = person_photos(site.data_dir)
+    digest = hashlib.sha256(str(crop_size).encode())
+    for person, paths in people.items():
+        for p in paths:
+            digest.update(person.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    cache = site.state_dir / f"crops-{digest.hexdigest()[:16]}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            return SiteCrops(z["pixels"], tuple(z["photo_sha256"].tolist()), tuple(z["person"].tolist()))
+
+    from megaportrait.client.faces import intake_photos
+    from megaportrait.shared.config import FaceSettings
+
+    pixels, hashes, owners = [], [], []
+    for person, paths in people.items():
+        report = intake_photos(paths, FaceSettings(crop_size=crop_size), show_progress=show_progress)
+        for accepted in report.accepted:
+            pixels.append(accepted.crop.pixels)
+            hashes.append(accepted.image_sha256)
+            owners.append(person)
+        if report.rejected:
+            log.warning("site %s: %d photo(s) rejected (%s)", site.site_id, len(report.rejected),
+                        ", ".join(sorted({r.reason for r in report.rejected})))
+    if not pixels:
+        raise SiteError(f"site {site.site_id}: no usable face photo in its data folder", reason="no_photos")
+    crops = SiteCrops(np.stack(pixels), tuple(hashes), tuple(owners))
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, pixels=crops.pixels, photo_sha256=np.array(crops.photo_sha256), person=np.array(crops.person))
+    os.replace(tmp, cache)
+    return crops
+
+
+# --- the site's privacy ledger -----------------------------------------------------------------------------
+
+
+class SitePrivacyLedger:
+    """Every DP-SGD release this site made for the global adapter, and the epsilon they add up to.
+
+    The history is Opacus' own accountant history, (noise_multiplier, sample_rate, steps) per training run;
+    epsilon is always `accountant.get_epsilon(delta)` over it, never summed by hand. Stored as JSON in the site's
+    state folder, so it survives rounds, runs and restarts (each ClientApp call may be a fresh process).
+    """
+
+    def __init__(self, path: Path, accountant: str = "rdp", delta: float = 1e-5) -> None:
+        self.path = Path(path)
+        self.accountant = accountant
+        self.delta = delta
+        self.history: list[tuple[float, float, int]] = []
+        self.rounds: list[dict[str, Any]] = []
+        if self.path.is_file():
+            data = json.loads(self.path.read_text())
+            self.accountant, self.delta = data["accountant"], float(data["delta"])
+            self.history = [(float(a), float(b), int(c)) for a, b, c in data["history"]]
+            self.rounds = list(data.get("rounds", []))
+        if delta != self.delta:
+            log.warning("privacy ledger %s keeps delta %g (asked for %g): one delta per ledger", path, self.delta,
+                        delta)
+
+    def epsilon(self, extra: Sequence[tuple[float, float, int]] = ()) -> float:
+        """Cumulative epsilon at the ledger's delta, with `extra` releases added hypothetically."""
+        history = self.history + list(extra)
+        if not history:
+            return 0.0
+        from opacus.accountants import create_accountant
+
+        acc = create_accountant(self.accountant)
+        acc.history = list(history)
+        return float(acc.get_epsilon(self.delta))
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int, **where: Any) -> float:
+        """Append one training run's release, write the ledger atomically and return the new epsilon."""
+        self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        eps = self.epsilon()
+        self.rounds.append({**where, "epsilon": eps, "at": time.time()})
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"accountant": self.accountant, "delta": self.delta,
+                                   "history": self.history, "rounds": self.rounds}, indent=1))
+        os.replace(tmp, self.path)
+        return eps
+
+
+# --- training plan (from the run config, one place) --------------------------------------------------------
+
+
+def identity_settings_from_run_config(run_config: dict[str, Any]) -> "IdentitySettings":  # noqa: F821
+    """The IdentitySettings a federated round trains with; keys are [tool.flwr.app.config] in pyproject.toml."""
+    from megaportrait.shared.config import IdentitySettings
+
+    base_model = str(run_config.get("base-model", ""))
+    return IdentitySettings(
+        base_model=Path(base_model) if base_model else None,
+        rank=int(run_config.get("lora-rank", 4)),
+        alpha=float(run_config.get("lora-alpha", 4.0)),
+        batch_size=int(run_config.get("batch-size", 4)),
+        learning_rate=float(run_config.get("learning-rate", 1e-3)),
+        resolution=int(run_config.get("resolution", 64)),
+        dp_enabled=True,
+        noise_multiplier=float(run_config.get("dp-noise-multiplier", 2.0)),
+        max_grad_norm=float(run_config.get("dp-max-grad-norm", 1.0)),
+        delta=float(run_config.get("dp-delta", 1e-5)),
+        accountant=str(run_config.get("dp-accountant", "rdp")),
+        seed=int(run_config.get("seed", 0)),
+    )
+
+
+def planned_sample_rate(n_examples: int, batch_size: int) -> float:
+    """Poisson sample rate `train_lora` will use for `n_examples` rows: 1 / number of batches."""
+    return 1.0 / math.ceil(n_examples / min(batch_size, n_examples))
+
+
+def load_base(settings: "IdentitySettings", seed: int) -> Any:  # noqa: F821
+    """The base model this federation trains on (the tiny embedded one unless `base-model` names a path)."""
+    from megaportrait.shared.base_models import load_base_model
+
+    return load_base_model(settings.base_model, config_dir=settings.base_model_config, seed=seed)
+
+
+def global_training_set(components: dict[str, Any], crops: np.ndarray, settings: "IdentitySettings") -> Any:  # noqa: F821
+    """`identity.prepare_training_set` with every crop paired with the class prompt ("a photo of person"): the
+    global adapter carries no identity token (thin adapter over client/identity.py, which pairs crops with the
+    identity prompt)."""
+    from dataclasses import replace
+
+    import torch
+
+    from megaportrait.client.identity import prepare_training_set
+
+    ts = prepare_training_set(components, list(crops), settings)
+    return replace(ts, prompt_index=torch.ones_like(ts.prompt_index))
+
+
+def initial_global_arrays(settings: "IdentitySettings", seed: int) -> tuple[list[np.ndarray], list[str], str]:  # noqa: F821
+    """The round-0 global adapter: a fresh LoRA (seeded; lora_B = 0, so the UNet is unchanged) on the base UNet.
+    Returns (arrays, parameter names, base model sha256). Built by the coordinator; it depends on no photo."""
+    import torch
+
+    from megaportrait.client.identity import attach_lora, detach_lora, get_lora_arrays, lora_parameter_names
+
+    base = load_base(settings, seed)
+    torch.manual_seed(seed)
+    unet = attach_lora(base.components["unet"], settings)
+    try:
+        return get_lora_arrays(unet), lora_parameter_names(unet), base.ref.sha256
+    finally:
+        detach_lora(unet)
+
+
+# --- the Flower client -------------------------------------------------------------------------------------
+
+
+class GlobalAdapterClient(NumPyClient):
+    """Answers the coordinator's budget query (`get_properties`) and trains the global adapter (`fit`)."""
+
+    def __init__(self, site: SiteConfig, run_config: dict[str, Any], run_id: int) -> None:
+        self.site = site
+        self.run_config = run_config
+        self.run_id = run_id
+        self.settings = identity_settings_from_run_config(run_config)
+        self.local_steps = int(run_config.get("local-steps", 4))
+        self.ledger = SitePrivacyLedger(site.state_dir / LEDGER_FILE, self.settings.accountant, self.settings.delta)
+
+    def _crops(self) -> SiteCrops:
+        return load_site_crops(self.site, self.settings.resolution)
+
+    def _next_release(self, n: int, steps: int) -> tuple[float, float, int]:
+        return (float(self.settings.noise_multiplier), planned_sample_rate(n, self.settings.batch_size), steps)
+
+    def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
+        steps = int(config.get("local-steps", self.local_steps))
+        n = len(self._crops())
+        return {"site-id": self.site.site_id, "epsilon": self.ledger.epsilon(),
+                "epsilon-next": self.ledger.epsilon([self._next_release(n, steps)]), "n-examples": n}
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        raise SiteError("sites do not provide initial parameters; the coordinator builds the global adapter",
+                        reason="no_initial_parameters")
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        import torch
+
+        from megaportrait.client.identity import attach_lora, detach_lora, get_lora_arrays, set_lora_arrays, \
+            train_lora
+
+        torch.set_num_threads(int(self.run_config.get("site-threads", 1)))
+        steps = int(config.get("local-steps", self.local_steps))
+        server_round = int(config.get("server-round", 0))
+        crops = self._crops()
+        release = self._next_release(len(crops), steps)
+        projected = self.ledger.epsilon([release])
+        budget = float(config.get("epsilon-budget", math.inf))
+        if projected > budget:
+            raise SiteError(f"site {self.site.site_id}: round {server_round} would bring epsilon to {projected:.3g}, "
+                            f"over the budget {budget:.3g}; refusing to train", reason="budget_exhausted")
+
+        base = load_base(self.settings, int(self.run_config.get("seed", 0)))
+        expected = str(config.get("base-model-sha256", ""))
+        if expected and expected != base.ref.sha256:
+            raise SiteError(f"site {self.site.site_id}: base model {base.ref.sha256[:12]} differs from the "
+                            f"coordinator's {expected[:12]}", reason="base_model_mismatch")
+        ts = global_training_set(base.components, crops.pixels, self.settings)
+        unet = attach_lora(base.components["unet"], self.settings)
+        try:
+            set_lora_arrays(unet, parameters)
+            self._save_global(parameters, server_round)
+            losses, report = train_lora(base.components, ts, self.settings, steps=steps, progress=False)
+            arrays = get_lora_arrays(unet)
+        finally:
+            detach_lora(unet)
+        # The release happened: account for it before anything is sent.
+        eps = self.ledger.record(report.noise_multiplier, report.sample_rate, report.steps, run=str(self.run_id),
+                                 round=server_round)
+        finite = [x for x in losses if not math.isnan(x)]
+        log.info("site %s round %d: %d crops, %d DP steps, epsilon %.3g", self.site.site_id, server_round,
+                 len(crops), report.steps, eps)
+        metrics = {"site-id": self.site.site_id, "epsilon": eps, "delta": report.delta, "steps": report.steps,
+                   "n-examples": len(crops), "round-loss": float(np.mean(finite)) if finite else float("nan")}
+        return arrays, len(crops), metrics
+
+    def _save_global(self, arrays: Sequence[np.ndarray], server_round: int) -> None:
+        """Keep the latest global adapter received, for `personalise_adapter`."""
+        path = self.site.state_dir / GLOBAL_ADAPTER_FILE
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, *arrays, server_round=np.int64(server_round))
+        os.replace(tmp, path)
+
+
+def client_fn(context: Context):
+    site = site_from_context(context)
+    return GlobalAdapterClient(site, dict(context.run_config), context.run_id).to_client()
+
+
+# --- mods ----------------------------------------------------------------------------------------------------
+
+
+def message_wire_bytes(message: Message) -> bytes:
+    """The bytes Flower pushes for `message`: every object of its object tree, deflated, children first."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return b"".join(obj.deflate() for obj in get_all_nested_objects(message).values())
+
+
+def outbox_audit_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
+    """Outermost mod: write every message this site sends, exactly as it goes out, to `<state-dir>/outbox/`
+    (`<run>-<n>.bin` plus a line in `outbox.jsonl` with type, round, size and sha256), so the site can audit what
+    left it. It only observes; the reply passes through unchanged."""
+    stage = _secagg_stage(msg)  # read first: secaggplus_mod consumes it
+    reply = call_next(msg, ctx)
+    try:
+        site = site_from_context(ctx)
+    except SiteError:
+        return reply
+    outbox = site.outbox_dir
+    outbox.mkdir(parents=True, exist_ok=True)
+    blob = message_wire_bytes(reply) if reply.has_content() else b""
+    index = outbox / "outbox.jsonl"
+    seq = index.read_text().count("\n") if index.is_file() else 0
+    name = f"{ctx.run_id}-{seq:05d}.bin"
+    (outbox / name).write_bytes(blob)
+    entry = {"file": name, "run": str(ctx.run_id), "type": msg.metadata.message_type, "group": msg.metadata.group_id,
+             "secagg_stage": stage, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+             "error": reply.error.reason if reply.has_error() else None,
+             "records": describe_records(reply) if reply.has_content() else {}, "at": time.time()}
+    with index.open("a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    return reply
+
+
+def describe_records(message: Message) -> dict[str, Any]:
+    """The shape of a message's content, for the outbox audit: per record its kind and keys (array shapes and
+    dtypes for arrays, value types for configs, values for metrics)."""
+    out: dict[str, Any] = {}
+    content = message.content
+    for name, record in content.array_records.items():
+        out[name] = {"kind": "arrays", "items": {k: [list(a.shape), a.dtype] for k, a in record.items()}}
+    for name, record in content.config_records.items():
+        out[name] = {"kind": "config", "items": {k: type(v).__name__ for k, v in record.items()}}
+    for name, record in content.metric_records.items():
+        out[name] = {"kind": "metrics", "items": {k: v for k, v in record.items()}}
+    return out
+
+
+def _secagg_stage(msg: Message) -> str | None:
+    cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+    return str(cfg["stage"]) if cfg is not None and "stage" in cfg else None
+
+
+def optional_secaggplus_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
+    """Flower's `secaggplus_mod` for messages of the SecAgg+ workflow; any other message passes straight on, so
+    one ClientApp serves runs with and without secure aggregation."""
+    if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctx, call_next)
+    return call_next(msg, ctx)
+
+
+app = ClientApp(client_fn=client_fn, mods=[outbox_audit_mod, optional_secaggplus_mod, fixedclipping_mod])
+
+
+# --- per-person adapters (local only) ------------------------------------------------------------------------
+
+
+def load_global_adapter(state_dir: Path) -> tuple[list[np.ndarray], int]:
+    """The latest global adapter this site received: (arrays, server round)."""
+    path = Path(state_dir) / GLOBAL_ADAPTER_FILE
+    if not path.is_file():
+        raise SiteError(f"no global adapter at {path}: take part in a federated round first", reason="no_global")
+    with np.load(path) as z:
+        keys = sorted((k for k in z.files if k.startswith("arr_")), key=lambda k: int(k[4:]))
+        return [z[k] for k in keys], int(z["server_round"])
+
+
+def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, person_ref: str,  # noqa: F821
+                        global_arrays: Sequence[np.ndarray], photo_sha256: Sequence[str] | None = None,
+                        base: Any = None, steps: int | None = None, progress: bool = False,
+                        dp_noise_seed: int | None = None) -> "IdentityAdapter":  # noqa: F821
+    """A person's adapter, fine-tuned locally from the global adapter on that person's crops with the identity
+    prompt. It stays at the site: nothing here sends it, and the federated client never reads it.
+
+    The returned PrivacyReport covers this personalisation run only; the person's photos also took part in the
+    site's global rounds, whose epsilon is in the site's privacy ledger.
+    """
+    from megaportrait.client.identity import _validated_crops, attach_lora, detach_lora, lora_state_dict, \
+        prepare_training_set, set_lora_arrays, train_lora
+    from megaportrait.shared.records import IdentityAdapter
+
+    arrays, hashes = _validated_crops(crops, photo_sha256)
+    base = base if base is not None else load_base(settings, 0)
+    ts = prepare_training_set(base.components, arrays, settings)
+    unet = attach_lora(base.components["unet"], settings)
+    try:
+        set_lora_arrays(unet, global_arrays)
+        _, report = train_lora(base.components, ts, settings, steps=steps, progress=progress,
+                               dp_noise_seed=dp_noise_seed)
+        state = lora_state_dict(unet)
+    finally:
+        detach_lora(unet)
+    return IdentityAdapter(person_ref=person_ref, token=settings.token, rank=settings.rank, alpha=settings.alpha,
+                           target_modules=tuple(settings.target_modules), lora_state=state, base_model=base.ref,
+                           privacy=report, photo_sha256=hashes)

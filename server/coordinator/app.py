@@ -1,0 +1,129 @@
+"""Flower ServerApp: the coordinator of federated rounds of the global Identity Net adapter.
+
+`main(grid, context)` reads the run config ([tool.flwr.app.config] in pyproject.toml, overridable with
+`flwr run --run-config`), builds the round-0 adapter (or resumes from the latest checkpoint in `state-dir`),
+and runs the remaining rounds with Flower's `DefaultWorkflow`: its fit step is `SecAggPlusWorkflow` when
+`secure-aggregation` is on (the coordinator then only ever sees the sum of the sites' masked updates), Flower's
+default fit workflow otherwise. The strategy stack is in strategy.py, the budget ledger in budget.py and the
+checkpoints in checkpoint.py.
+
+Run config keys read here: num-server-rounds, min-sites, local-steps, strategy, clipping-norm,
+server-noise-multiplier, secure-aggregation, secagg-num-shares, secagg-reconstruction-threshold, round-timeout,
+epsilon-budget-per-site, state-dir, resume, seed (plus the site training keys that client/federation.py reads).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+
+from megaportrait.shared.errors import ConfigError
+
+from .budget import BudgetLedger
+from .checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
+from .strategy import BoundedGrid, SiteBudgetStrategy, build_strategy
+
+log = logging.getLogger("megaportrait.coordinator")
+
+app = ServerApp()
+
+
+def run_settings(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The coordinator's view of the run config, with defaults and checks."""
+    cfg = {
+        "rounds": int(run_config.get("num-server-rounds", 2)),
+        "min_sites": int(run_config.get("min-sites", 2)),
+        "local_steps": int(run_config.get("local-steps", 4)),
+        "secure_aggregation": bool(run_config.get("secure-aggregation", True)),
+        "round_timeout": float(run_config.get("round-timeout", 300.0)),
+        "budget": float(run_config.get("epsilon-budget-per-site", 10.0)),
+        "state_dir": Path(str(run_config.get("state-dir", "runs/coordinator"))).expanduser(),
+        "resume": bool(run_config.get("resume", True)),
+        "seed": int(run_config.get("seed", 0)),
+    }
+    if cfg["rounds"] < 1 or cfg["min_sites"] < 1:
+        raise ConfigError("num-server-rounds and min-sites must be at least 1")
+    if cfg["secure_aggregation"] and cfg["min_sites"] < 2:
+        raise ConfigError("secure aggregation needs min-sites >= 2 (a sum over one site is that site's update)")
+    return cfg
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or resume) the federation described by `context.run_config`."""
+    from megaportrait.client.federation import identity_settings_from_run_config, initial_global_arrays
+
+    run_config = dict(context.run_config)
+    cfg = run_settings(run_config)
+    state_dir: Path = cfg["state_dir"]
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    settings = identity_settings_from_run_config(run_config)
+    arrays, names, base_sha = initial_global_arrays(settings, cfg["seed"])
+    start_round = 0
+    latest = load_checkpoint(state_dir) if cfg["resume"] else None
+    if latest is not None:
+        check_compatible(latest, names, base_sha)
+        arrays, start_round = latest.arrays, latest.round
+        log.info("resuming from checkpoint round %d in %s", start_round, state_dir)
+    else:
+        save_checkpoint(state_dir, Checkpoint(round=0, arrays=arrays, names=names, base_model_sha256=base_sha,
+                                              meta={"run_id": str(context.run_id)}))
+    remaining = cfg["rounds"] - start_round
+    _write_status(state_dir, context.run_id, "running", start_round, cfg["rounds"])
+    if remaining <= 0:
+        log.info("all %d rounds already done (checkpoint round %d); nothing to run", cfg["rounds"], start_round)
+        _write_status(state_dir, context.run_id, "finished", start_round, cfg["rounds"])
+        return
+
+    ledger = BudgetLedger(state_dir / "budget.json", cfg["budget"])
+    bounded = BoundedGrid(grid, cfg["round_timeout"])
+
+    def on_round(server_round: int, new_arrays: list[np.ndarray], sites: list[str]) -> None:
+        save_checkpoint(state_dir, Checkpoint(round=server_round, arrays=new_arrays, names=names,
+                                              base_model_sha256=base_sha, sites=sites,
+                                              meta={"run_id": str(context.run_id), "resumed_from": start_round}))
+        _write_status(state_dir, context.run_id, "running", server_round, cfg["rounds"])
+        log.info("round %d aggregated from %d site(s); checkpoint written", server_round, len(sites))
+
+    strategy = SiteBudgetStrategy(
+        build_strategy(run_config, arrays, cfg["min_sites"]), grid=bounded, ledger=ledger, min_sites=cfg["min_sites"],
+        round_offset=start_round, query_timeout=min(cfg["round_timeout"], 120.0), on_round=on_round,
+        fit_config={"local-steps": cfg["local_steps"], "base-model-sha256": base_sha})
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
+    if cfg["secure_aggregation"]:
+        fit_workflow = SecAggPlusWorkflow(
+            num_shares=_int_or_fraction(run_config.get("secagg-num-shares", 1.0)),
+            reconstruction_threshold=_int_or_fraction(run_config.get("secagg-reconstruction-threshold", 0.6)),
+            max_weight=float(run_config.get("secagg-max-weight", 1000.0)),
+            clipping_range=float(run_config.get("secagg-clipping-range", 8.0)),
+            timeout=cfg["round_timeout"])
+        DefaultWorkflow(fit_workflow=fit_workflow)(bounded, legacy)
+    else:
+        DefaultWorkflow()(bounded, legacy)
+    done = load_checkpoint(state_dir)
+    _write_status(state_dir, context.run_id, "finished", done.round if done else start_round, cfg["rounds"],
+                  round_reports=strategy.rounds)
+
+
+def _int_or_fraction(value: Any) -> int | float:
+    """SecAgg+ takes an int (an absolute count) or a float in (0, 1] (a fraction of the sampled sites)."""
+    number = float(value)
+    return int(number) if number > 1 else number
+
+
+def _write_status(state_dir: Path, run_id: int, state: str, round_done: int, rounds: int, **extra: Any) -> None:
+    """`status.json`: what the coordinator is doing, for the CLI and for tests."""
+    data = {"run_id": str(run_id), "state": state, "round": round_done, "rounds": rounds, "at": time.time(),
+            **{k: {str(r): v for r, v in val.items()} if isinstance(val, dict) else val for k, val in extra.items()}}
+    tmp = state_dir / ".status.tmp"
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(state_dir / "status.json")
