@@ -21,3 +21,28 @@ def version() -> None:
     from importlib.metadata import version as _v
 
     typer.echo(_v("megaportrait"))
+
+
+from .audit_cli import app as _audit_app  # noqa: E402 - typer-level only; heavy imports live inside its commands
+
+app.add_typer(_audit_app, name="audit")
+
+from megaportrait.server.render.cli import app as _render_node_app  # noqa: E402 - typer-level only
+
+app.add_typer(_render_node_app, name="render-node")
+
+from .health_cli import app as _health_app  # noqa: E402 - typer-level only
+from .pki_cli import app as _pki_app  # noqa: E402 - typer-level only
+
+app.add_typer(_pki_app, name="pki")
+app.add_typer(_health_app, name="health")
+
+from megaportrait.client.cli import client as _client_app  # noqa: E402 - typer-level only
+from megaportrait.server.coordinator.cli import coordinator as _coordinator_app  # noqa: E402 - typer-level only
+
+app.add_typer(_client_app, name="client")
+app.add_typer(_coordinator_app, name="coordinator")
+
+from .evaluation.cli import eval_command as _eval_command  # noqa: E402 - typer-level only
+
+app.command("eval")(_eval_command)

@@ -1,0 +1,76 @@
+"""`megaportrait eval`: run the evaluation on a folder of people's photos and a folder of templates.
+
+Only typer-level code runs at import; the evaluation is imported inside the command.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def _defaults() -> tuple[Optional[Path], Optional[Path], Optional[Path]]:
+    from .dataset import default_data_dirs
+
+    found = default_data_dirs()
+    if found is None:
+        return None, None, None
+    people, templates = found
+    hard = people.parent / "hard"
+    return people, templates, hard if hard.is_dir() else None
+
+
+def eval_command(
+    people: Annotated[Optional[Path], typer.Option("--people", help="Folder of people/<name>/<photo> (default: ../shared/data/people).")] = None,
+    templates: Annotated[Optional[Path], typer.Option("--templates", help="Folder of template portraits (default: ../shared/data/templates).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Where eval.json, plots/ and report.html go.")] = Path("runs/eval"),
+    extra_faces: Annotated[Optional[Path], typer.Option("--extra-faces", help="More photos whose faces only enlarge the membership-inference pool (default: ../shared/data/hard).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small run (~1 min): 2 photos per person, 2 templates, short adapters.")] = False,
+    max_templates: Annotated[Optional[int], typer.Option(help="Use at most this many templates (spread over skin-tone bands).")] = None,
+    adapters: Annotated[Optional[int], typer.Option(help="Adapters per privacy arm.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps per adapter.")] = None,
+    no_privacy: Annotated[bool, typer.Option("--no-privacy", help="Skip the membership-inference part.")] = False,
+) -> None:
+    """Evaluate identity (by stage), fairness (by skin tone), robustness (degraded photos) and privacy (membership
+    inference, DP vs not); write JSON, plots and an HTML summary."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from megaportrait.shared.errors import MegaPortraitError
+
+    from .run import EvalConfig, run_evaluation, write_outputs
+
+    console = Console(stderr=True)
+    d_people, d_templates, d_hard = _defaults()
+    people, templates = people or d_people, templates or d_templates
+    if people is None or templates is None:
+        console.print("[red]no data: pass --people DIR and --templates DIR (../shared/data was not found)")
+        raise typer.Exit(2)
+    if extra_faces is None and people == d_people:
+        extra_faces = d_hard
+    make = EvalConfig.quick_config if quick else EvalConfig
+    config = make(people_dir=people, templates_dir=templates, out_dir=out, extra_faces_dir=extra_faces,
+                  privacy=not no_privacy)
+    if max_templates is not None:
+        config = replace(config, max_templates=max_templates)
+    if adapters is not None or steps is not None:
+        config = replace(config, attack=replace(config.attack, adapters=adapters or config.attack.adapters,
+                                                steps=steps or config.attack.steps))
+    try:
+        result, examples = run_evaluation(config)
+    except MegaPortraitError as exc:
+        console.print(f"[red]evaluation failed ({exc.reason}): {exc}")
+        raise typer.Exit(1) from exc
+    paths = write_outputs(result, examples, out)
+    h = result["headline"]
+    full = h["full"]
+    console.print(f"full renders: TAR {full['tar']:.3f}  FAR {full['far']:.3f}  accuracy {full['accuracy']:.3f} "
+                  f"(threshold {h['threshold']})")
+    if "privacy" in h:
+        for arm, a in h["privacy"].items():
+            eps = "n/a" if a["epsilon"] is None else f"{a['epsilon']:.3g}"
+            console.print(f"membership inference {arm}: AUC {a['auc_pooled']:.3f}  epsilon {eps}")
+    for name, p in paths.items():
+        console.print(f"{name}: {p}")

@@ -1,0 +1,109 @@
+"""The evaluation's HTML summary (one self-contained file, `shared.report`): headline figures, tables per question,
+the plots and a few example renders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from megaportrait.shared.report import Figure, Section, write_report
+
+
+def _f(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
+
+
+def sections(result: dict, examples: dict[str, np.ndarray], paths: dict[str, Path]) -> list[Section]:
+    """The report's sections, in reading order."""
+    meta, ident, fair, rob, priv = (result[k] for k in ("meta", "identity", "fairness", "robustness", "privacy"))
+    out = []
+
+    people = ", ".join(f"{n} ({v['photos_accepted']} photos, ITA {_f(v['ita'], 1)}, {v['band']})"
+                       for n, v in meta["people"].items())
+    data = Section("Data and run", paragraphs=[
+        f"People: {people}. Templates: {len(meta['templates'])}. Backend: {meta['backend']}; embedder "
+        f"{meta['embedder']}; verification threshold (cosine) {ident['threshold']}.",
+        f"Run: {'quick' if meta['quick'] else 'full'}, {meta['seconds']['total']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in meta['seconds'].items() if k != 'total')}).",
+        "Left out: " + ("; ".join(f"{s['what']} {s['name']}: {s['reason']}" for s in meta["skipped"]) or "nothing") + ".",
+        "Fallbacks taken by the backend: " + (", ".join(f"{k} x{v}" for k, v in meta["fallbacks"].items()) or "none") + ".",
+    ])
+    out.append(data)
+
+    rows = [[s, v["n_renders"], v["tar"], v["far"], v["accuracy"], v["mean_genuine"], v["mean_impostor"],
+             v["mean_template_leak"], v["template_leak_verified_rate"], v["mean_lighting"]]
+            for s, v in ident["by_stage"].items()]
+    sec = Section("Identity preservation by stage", paragraphs=[ident["protocol"] + ".",
+                  "TAR: share of genuine pairs at or above the threshold; FAR: share of impostor pairs at or above it; "
+                  "template leak: cosine of the render to the template sitter's own face (the 'none' row is the "
+                  "template itself, a control)."],
+                  tables=[(["stages", "renders", "TAR", "FAR", "accuracy", "mean genuine", "mean impostor",
+                            "template leak", "leak >= thr", "lighting r"], rows)])
+    if "identity_plot" in paths:
+        sec.image_rows.append([Figure(_png(paths["identity_plot"]), "cosines by stage", max_side=820)])
+    if examples:
+        sec.image_rows.append([Figure(px, cap, max_side=300) for cap, px in examples.items()])
+    out.append(sec)
+
+    fsec = Section("Fairness by skin tone (ITA bands, full renders)")
+    for key, title in (("template_band", "template's band"), ("person_band", "person's band")):
+        g = fair[key]
+        fsec.paragraphs.append(f"By {title}: {g['verdict']}")
+        fsec.tables.append(([f"{title}", "renders", "people", "templates", "mean identity", "TAR", "FAR",
+                             "template leak", "tone kept", "|ITA err| deg"],
+                            [[b, v["n_renders"], v["n_people"], v["n_templates"], v["mean_identity"], v["tar"], v["far"],
+                              v["mean_template_leak"], v["tone_kept_rate"], v["mean_ita_error_deg"]]
+                             for b, v in g["by_band"].items()]))
+        gaps = [f"{fig} {d['gap']:.3f} ({d['highest']} > {d['lowest']})" for fig, d in g["gaps"].items() if d]
+        fsec.paragraphs.append(f"Gaps by {title}: " + ("; ".join(gaps) if gaps else "none measurable") + ".")
+    if "fairness_plot" in paths:
+        fsec.image_rows.append([Figure(_png(paths["fairness_plot"]), "identity by band", max_side=820)])
+    out.append(fsec)
+
+    rsec = Section("Robustness to poor source photos", paragraphs=[
+        f"Each source photo degraded and sent through intake again; accepted ones rendered in full on "
+        f"{', '.join(rob['templates'])}. Drop = clean render's identity minus the degraded one's (positive = worse). "
+        "Failure rate = share of photo x template cases with no verified portrait (refused, no face, or below "
+        "threshold)."])
+    rrows = []
+    for kind, v in rob["by_degradation"].items():
+        for r in v["levels"]:
+            reasons = ", ".join(f"{k} x{n}" for k, n in r["refusal_reasons"].items()) or "-"
+            rrows.append([kind, f"{r['level']:g} ({v['unit']})", f"{r['n_refused']}/{r['n_photos']}", reasons,
+                          r["mean_identity"], r["mean_drop"], r["failure_rate"]])
+    rsec.tables.append((["degradation", "level", "refused", "reasons", "mean identity", "mean drop", "failure rate"],
+                        rrows))
+    if "robustness_plot" in paths:
+        rsec.image_rows.append([Figure(_png(paths["robustness_plot"]), "robustness", max_side=1000)])
+    out.append(rsec)
+
+    if priv is not None:
+        s = priv["settings"]
+        psec = Section("Privacy: membership inference on Identity Net adapters", paragraphs=[
+            f"Pool of {priv['pool_size']} face crops; each of {s['adapters']} adapters per arm trained on a random "
+            f"{priv['members_per_adapter']} of them for {s['steps']} steps (tiny in-code base model, "
+            f"{s['resolution']} px, lr {s['learning_rate']}, batch {s['batch_size']}). Attack score: base-model loss "
+            f"minus adapter loss on {s['draws']} fixed (noise, timestep) draws. AUC 0.5 = guessing.",
+            "DP arm: Opacus, noise multiplier "
+            f"{s['noise_multiplier']}, clipping {s['max_grad_norm']}, epsilon from the accountant at delta {s['delta']}."])
+        psec.tables.append((["arm", "pooled AUC", "95% CI", "mean AUC per adapter", "std", "raw-loss AUC", "epsilon"],
+                            [[arm, a["auc_pooled"], f"{a['auc_pooled_ci95'][0]:.2f}-{a['auc_pooled_ci95'][1]:.2f}",
+                              a["auc_mean"], a["auc_std"], a["raw_loss_auc_mean"],
+                              "none (not private)" if a["epsilon"] is None else a["epsilon"]]
+                             for arm, a in priv["arms"].items()]))
+        if "privacy_plot" in paths:
+            psec.image_rows.append([Figure(_png(paths["privacy_plot"]), "attack ROC", max_side=500)])
+        out.append(psec)
+    return out
+
+
+def write_summary(result: dict, examples: dict[str, np.ndarray], paths: dict[str, Path], path: Path) -> Path:
+    """Write the HTML summary to `path`."""
+    sub = ("Images below are AI-generated renders of real people for evaluation only; do not publish them. "
+           f"Started {result['meta']['started_at']}.")
+    return write_report(path, "MegaPortrait evaluation", sections(result, examples, paths), subtitle=sub)

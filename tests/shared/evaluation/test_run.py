@@ -1,0 +1,110 @@
+"""A quick evaluation on a subset of the real photos, through the `megaportrait eval` command.
+
+One run (about a minute on 2 cores) feeds every test here: JSON keys and sane values, plots, HTML.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from megaportrait.shared.face_analysis import SFACE_THRESHOLD
+
+
+@pytest.fixture(scope="module")
+def quick_eval(shared_data: Path, tmp_path_factory) -> tuple[dict, Path]:
+    from megaportrait.shared.cli import app
+
+    out = tmp_path_factory.mktemp("eval")
+    result = CliRunner().invoke(app, ["eval", "--quick", "--people", str(shared_data / "people"), "--templates",
+                                      str(shared_data / "templates"), "--extra-faces", str(shared_data / "hard"),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "eval.json").read_text()), out
+
+
+def test_identity_full_renders_verify_genuine_and_reject_impostors(quick_eval):
+    res, _ = quick_eval
+    ident = res["identity"]
+    assert set(ident["by_stage"]) == {"none", "identity", "identity+shading", "full"}
+    full = [r for r in ident["renders"] if r["stage"] == "full"]
+    # 2 people x 2 photos (leave one out) x 2 templates
+    assert len(full) == 8 and all(r["face_found"] for r in full)
+    for r in full:
+        assert r["identity"] >= SFACE_THRESHOLD, r
+        assert min(r["genuine"]) >= SFACE_THRESHOLD, r
+        assert max(r["impostor"]) < SFACE_THRESHOLD, r
+    assert ident["by_stage"]["full"]["tar"] == 1.0 and ident["by_stage"]["full"]["far"] == 0.0
+    # Control: the template alone is not the person.
+    none = ident["by_stage"]["none"]
+    assert none["tar"] == 0.0 and none["mean_template_leak"] > 0.99
+    assert res["headline"]["full"]["accuracy"] == ident["by_stage"]["full"]["accuracy"]
+
+
+def test_fairness_groups_by_both_bands_and_says_when_too_few(quick_eval):
+    res, _ = quick_eval
+    fair = res["fairness"]
+    tpl_bands = {v["band"] for v in res["meta"]["templates"].values()}
+    assert set(fair["template_band"]["by_band"]) == tpl_bands
+    assert sum(g["n_renders"] for g in fair["template_band"]["by_band"].values()) == 8
+    person = fair["person_band"]
+    assert set(person["by_band"]) == {v["band"] for v in res["meta"]["people"].values()}
+    assert person["conclusive"] is False and "few people" in person["verdict"]
+    for grouping in (fair["template_band"], person):
+        for g in grouping["by_band"].values():
+            assert 0.0 <= g["tar"] <= 1.0 and -1.0 <= g["mean_identity"] <= 1.0
+        if len(grouping["by_band"]) >= 2:
+            gap = grouping["gaps"]["mean_identity"]
+            values = [g["mean_identity"] for g in grouping["by_band"].values()]
+            assert gap["gap"] == pytest.approx(max(values) - min(values))
+
+
+def test_robustness_degradations_are_ordered_and_refusals_reported(quick_eval):
+    res, _ = quick_eval
+    rob = res["robustness"]["by_degradation"]
+    assert set(rob) == {"low_light", "low_resolution", "blur", "jpeg"}
+    for kind, v in rob.items():
+        assert len(v["levels"]) == 3
+        assert v["failures_grow_with_severity"], (kind, v["levels"])
+        for level in v["levels"]:
+            assert level["n_refused"] == sum(level["refusal_reasons"].values())
+    # The darkest exposure is refused by intake as too dark, with that reason recorded per photo.
+    assert rob["low_light"]["levels"][-1]["refusal_reasons"].get("too_dark") == 2
+    # JPEG at quality 4 costs more identity than at quality 30.
+    jpeg = rob["jpeg"]["levels"]
+    assert jpeg[-1]["mean_drop"] > jpeg[0]["mean_drop"] + 0.03
+    refused = [c for c in res["robustness"]["cases"] if c["refused"]]
+    assert refused and all(c["refusal_detail"] and not c["identity"] for c in refused)
+
+
+def test_privacy_attack_auc_and_epsilon(quick_eval):
+    res, _ = quick_eval
+    priv = res["privacy"]
+    assert priv["pool_size"] >= 16
+    for arm in ("no_dp", "dp"):
+        a = priv["arms"][arm]
+        assert 0.0 <= a["auc_pooled"] <= 1.0 and a["n_adapters"] == 2
+        assert a["auc_pooled_ci95"][0] <= a["auc_pooled"] <= a["auc_pooled_ci95"][1]
+    assert priv["arms"]["no_dp"]["epsilon"] is None
+    dp = priv["arms"]["dp"]
+    assert dp["epsilon"] is not None and np.isfinite(dp["epsilon"]) and dp["epsilon"] > 0
+    assert dp["privacy_report"]["accountant"] == "rdp" and dp["privacy_report"]["noise_multiplier"] == 1.0
+
+
+def test_outputs_plots_and_html(quick_eval):
+    res, out = quick_eval
+    for name in ("identity_by_stage", "fairness_by_band", "robustness", "privacy_mia"):
+        png = out / "plots" / f"{name}.png"
+        img = np.asarray(Image.open(png).convert("RGB"))
+        assert img.shape[0] > 200 and img.shape[1] > 300 and img.std() > 10, name
+    html = (out / "report.html").read_text()
+    for title in ("Identity preservation by stage", "Fairness by skin tone", "Robustness to poor source photos",
+                  "Privacy: membership inference"):
+        assert title in html
+    assert len(re.findall(r"data:image/png;base64,", html)) >= 4 + 4  # 4 plots + 4 example renders
+    assert set(res) >= {"meta", "identity", "fairness", "robustness", "privacy", "headline"}
