@@ -8,8 +8,8 @@ Each configuration runs in its own subprocess so that its peak memory is its own
 libraries), and on CUDA also `torch.cuda.max_memory_allocated`. Speed is the marginal cost of a step (blocks of
 N and 2N steps, the fastest of several blocks each, differenced: the fixed cost per training call is reported
 apart), both as wall-clock steps/s and as CPU seconds per step
-(`time.process_time`), because on a shared machine the wall clock also measures the neighbours. The DP overhead ratio is DP time per step / plain time per step (target <= 1.5,
-judged on CPU time). `--modes` compares Opacus' per-sample-gradient modes ("ew" is the default in IdentitySettings).
+(`time.process_time`), because on a shared machine the wall clock also measures the neighbours. The DP overhead ratio
+is DP time per step / plain time per step (target <= 1.5, judged on CPU time on CPU and on wall time on CUDA). `--modes` compares Opacus' per-sample-gradient modes ("ew" is the default in IdentitySettings).
 """
 from __future__ import annotations
 
@@ -130,8 +130,11 @@ def main() -> None:
             if "error" not in dp and "error" not in plain:
                 dp["overhead_wall"] = dp["wall_s_per_step"] / plain["wall_s_per_step"]
                 dp["overhead_cpu"] = dp["cpu_s_per_step"] / plain["cpu_s_per_step"]
-                # CPU time is the judge: on a shared host the wall clock also counts other processes.
-                dp["meets_1_5x_target"] = dp["overhead_cpu"] <= 1.5
+                # On CPU, CPU time is the judge (on a shared host the wall clock also counts other processes); on
+                # CUDA the host CPU mostly waits for the GPU, so the wall clock is.
+                judged = "overhead_wall" if args.unet == "sd15" else "overhead_cpu"
+                dp["overhead_judged_on"] = judged
+                dp["meets_1_5x_target"] = dp[judged] <= 1.5
             record["dp"][mode] = dp
     # One file, one entry per UNet size: a GPU run adds "sd15" beside the CPU "tiny" figures.
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

@@ -27,7 +27,7 @@ from rich.progress import track
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "render_diffusion.json"
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("MEGAPORTRAIT_DATA", REPO.parent / "shared" / "data"))
 
 SD15_STEPS = 20
 SD15_PARAMS: dict[str, Any] = {
@@ -80,7 +80,8 @@ def _random_adapter(unet: Any, base_ref: Any, seed: int = 0) -> Any:
                            privacy=PrivacyReport(None, 1e-5, 0.0, 1.0, 0, 0.0, "rdp"), photo_sha256=())
 
 
-def _time_renders(backend: Any, adapter: Any, templates: list, params: dict, batch: int) -> dict[str, Any]:
+def _time_renders(backend: Any, adapter: Any, templates: list, params: dict, batch: int,
+                  cuda: bool = False) -> dict[str, Any]:
     from megaportrait.server.render.diffusion.backend import RenderRequest
     from megaportrait.shared.records import StageSwitches
 
@@ -97,12 +98,17 @@ def _time_renders(backend: Any, adapter: Any, templates: list, params: dict, bat
         fallbacks += len(out.metadata["fallbacks"])
         for stage, (start, end) in ((s, m[:2]) for s, m in marks.items()):
             per_stage[stage].append(end - start)
+    peak_single = None
+    if cuda:
+        torch.cuda.synchronize()
+        peak_single = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     requests = [RenderRequest(f"batch-{i}", t, seed=i) for i, t in enumerate(templates[:batch])]
     p = dict(params, batch_size=batch)
     t0 = time.perf_counter()
     backend.render_batch(requests, adapter, stages=stages, params=p, progress=noop)
     batched = (time.perf_counter() - t0) / len(requests)
-    return {
+    timings = {
         "portraits": len(singles),
         "seconds_per_portrait_single": {"median": statistics.median(singles), "min": min(singles), "max": max(singles)},
         "seconds_per_portrait_batched": batched,
@@ -110,6 +116,11 @@ def _time_renders(backend: Any, adapter: Any, templates: list, params: dict, bat
         "seconds_per_stage_median": {k: statistics.median(v) for k, v in per_stage.items() if v},
         "fallbacks_taken": fallbacks,
     }
+    if cuda:
+        torch.cuda.synchronize()
+        timings["peak_gpu_memory_gib_single"] = peak_single
+        timings["peak_gpu_memory_gib_batched"] = torch.cuda.max_memory_allocated() / 2**30
+    return timings
 
 
 def bench_cpu_tiny(n_templates: int, threads: int) -> dict[str, Any]:
@@ -180,7 +191,8 @@ def _count(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def bench_sd15(force_cpu: bool, resolution: int, steps: int) -> dict[str, Any]:
+def bench_sd15(force_cpu: bool, resolution: int, steps: int, attention_slicing: bool | None = None) -> dict[str, Any]:
+    """SD-1.5-sized render timing; `attention_slicing` None keeps the node's default setting."""
     names = ("depth", "lineart")
     config = {"resolution": resolution, "steps_per_stage": steps, "controlnets": list(names),
               "stage_controls": {s: SD15_PARAMS[s]["controls"] for s in ("identity", "shading", "harmonize")},
@@ -203,12 +215,15 @@ def bench_sd15(force_cpu: bool, resolution: int, steps: int) -> dict[str, Any]:
     device = torch.device("cpu" if force_cpu or not torch.cuda.is_available() else "cuda")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     settings = RenderSettings(diffusion_device=device.type)
+    if attention_slicing is not None:
+        settings = settings.model_copy(update={"diffusion_attention_slicing": attention_slicing})
     t0 = time.perf_counter()
     comps = _sd15_components(device, dtype)
     nets = _sd15_controlnets(comps["unet"], names, device, dtype)
     ref = BaseModelRef(name="sd15-sized-random", sha256=unet_sha256(comps["unet"]), kind="diffusers-dir")
     models = DiffusionModels(components=comps, base_model=ref, device=device, dtype=dtype,
-                             attention_slicing=settings.diffusion_attention_slicing, controlnets=nets,
+                             attention_slicing=settings.diffusion_attention_slicing,
+                             vae_slicing=settings.diffusion_vae_slicing, controlnets=nets,
                              sources={k: "random sd15-sized" for k in nets})
     build_s = time.perf_counter() - t0
     adapter = _random_adapter(comps["unet"], ref)
@@ -221,13 +236,12 @@ def bench_sd15(force_cpu: bool, resolution: int, steps: int) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    result = _time_renders(backend, adapter, templates, params, batch=len(templates))
+    result = _time_renders(backend, adapter, templates, params, batch=len(templates), cuda=device.type == "cuda")
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["gpu"] = torch.cuda.get_device_name()
     return {**config, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "attention_slicing": settings.diffusion_attention_slicing and device.type == "cuda",
+            "vae_slicing": settings.diffusion_vae_slicing and device.type == "cuda",
             "build_seconds": build_s, **result}
 
 
@@ -240,8 +254,24 @@ def main() -> None:
                          "(~3 min, 8 GiB RAM); recorded apart, not a GPU figure")
     ap.add_argument("--sd15-resolution", type=int, default=512)
     ap.add_argument("--sd15-steps", type=int, default=SD15_STEPS)
+    ap.add_argument("--sd15-only", action="store_true",
+                    help="run only the SD-1.5-sized configuration (with and without attention slicing) and keep the "
+                         "other entries of the results file as they are: for a GPU run")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.sd15_only:
+        result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "render_diffusion"}
+        result.pop("sd15_sized_no_attention_slicing", None)
+        result["sd15_sized"] = bench_sd15(False, args.sd15_resolution, args.sd15_steps)
+        if torch.cuda.is_available():
+            result["sd15_sized_attention_slicing"] = bench_sd15(False, args.sd15_resolution, args.sd15_steps,
+                                                                attention_slicing=True)
+        result["sd15_machine"] = {"platform": platform.platform(), "torch": torch.__version__,
+                                  "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: result[k] for k in result if k.startswith("sd15")}, indent=2))
+        return
 
     result = {
         "benchmark": "render_diffusion",

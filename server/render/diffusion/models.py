@@ -95,6 +95,7 @@ class DiffusionModels:
     device: torch.device
     dtype: torch.dtype
     attention_slicing: bool
+    vae_slicing: bool = True
     controlnet_paths: dict[str, Path] = field(default_factory=dict)
     controlnets: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
@@ -133,8 +134,11 @@ class DiffusionModels:
     # -- pipelines -----------------------------------------------------------------------------------------------
     def _finish(self, pipe: Any) -> Any:
         pipe.set_progress_bar_config(disable=True)
-        if self.attention_slicing and self.device.type == "cuda":
-            pipe.enable_attention_slicing()
+        if self.device.type == "cuda":
+            if self.attention_slicing:
+                pipe.enable_attention_slicing()
+            if self.vae_slicing:
+                pipe.vae.enable_slicing()  # batched crops decode one at a time: bounds peak memory
         return pipe
 
     def _shared(self, scheduler: str) -> dict[str, Any]:
@@ -203,6 +207,7 @@ def load_models(settings: RenderSettings, *, device: torch.device | None = None)
     log.info("diffusion models: base %s (%s) on %s %s", base.ref.name, short_hash(base.ref.sha256), device, dtype)
     return DiffusionModels(components=base.components, base_model=base.ref, device=device, dtype=dtype,
                            attention_slicing=settings.diffusion_attention_slicing,
+                           vae_slicing=settings.diffusion_vae_slicing,
                            controlnet_paths={k: Path(v) for k, v in settings.diffusion_controlnets.items()})
 
 

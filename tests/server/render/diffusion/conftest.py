@@ -5,6 +5,7 @@ Everything runs at a 64-px crop with 2-3 sampler steps, so a whole three-stage r
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import cv2
@@ -14,6 +15,9 @@ import torch
 
 from megaportrait.shared.config import RenderSettings
 from megaportrait.shared.records import IdentityAdapter, PrivacyReport, SourceImage
+
+# The same tests run on a GPU (fp16, fused attention) with MEGAPORTRAIT_TEST_DIFFUSION_DEVICE=cuda.
+DEVICE = os.environ.get("MEGAPORTRAIT_TEST_DIFFUSION_DEVICE", "cpu")
 
 _FAST_PARAMS = {
     "resolution": 64,
@@ -34,7 +38,7 @@ def tiny_models():
     """The render node's models with no weights configured: the tiny base model and tiny ControlNets."""
     from megaportrait.server.render.diffusion.models import load_models
 
-    return load_models(RenderSettings(diffusion_device="cpu"))
+    return load_models(RenderSettings(diffusion_device=DEVICE))
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +52,7 @@ def analyzer():
 def backend(tiny_models, analyzer):
     from megaportrait.server.render.diffusion.backend import DiffusionBackend
 
-    return DiffusionBackend(RenderSettings(diffusion_device="cpu"), models=tiny_models, analyzer=analyzer)
+    return DiffusionBackend(RenderSettings(diffusion_device=DEVICE), models=tiny_models, analyzer=analyzer)
 
 
 @pytest.fixture(scope="session")

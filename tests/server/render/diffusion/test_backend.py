@@ -175,7 +175,8 @@ def test_controls_and_scheduler_are_configurable(backend, small_templates, adapt
 def test_node_defaults_apply_and_jobs_override_them(tiny_models, analyzer, small_templates, adapter, fast_params):
     from megaportrait.shared.config import RenderSettings
 
-    node = DiffusionBackend(RenderSettings(diffusion_device="cpu", diffusion_params={"shading": {"strength": 0.4}}),
+    node = DiffusionBackend(RenderSettings(diffusion_device=tiny_models.device.type,
+                                           diffusion_params={"shading": {"strength": 0.4}}),
                             models=tiny_models, analyzer=analyzer)
     assert node.params_for({}).shading.strength == pytest.approx(0.4)
     assert node.params_for({"shading": {"strength": 0.2}}).shading.strength == pytest.approx(0.2)
