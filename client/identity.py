@@ -15,7 +15,8 @@ accountant. Epsilon is read from the accountant (`engine.get_epsilon(delta)`).
 Note on the numbers: with 3-20 photos a sample rate near 1 is unavoidable, so per-photo epsilon from local
 training alone is large unless the noise is large; the federation adds client-level DP on top.
 
-What leaves the site: nothing from this module. It returns an `IdentityAdapter` in memory; sealing it for a render
+Consent: `train_identity_adapter` runs only while the person's `personal_adapter` consent holds in the site's
+`ConsentLedger` (checked before and after training). What leaves the site: nothing from this module. It returns an `IdentityAdapter` in memory; sealing it for a render
 node (client/payload.py) and sending it are separate, consent-checked steps. Photos and crops never leave it, and
 logs name records only by hash.
 
@@ -36,6 +37,7 @@ import torch
 
 from megaportrait.shared.base_models import BaseModel, load_base_model
 from megaportrait.shared.config import IdentitySettings
+from megaportrait.shared.consent import PERSONAL_ADAPTER_PURPOSE, ConsentError, ConsentLedger
 from megaportrait.shared.errors import MegaPortraitError
 from megaportrait.shared.records import FaceCrop, IdentityAdapter, PrivacyReport
 
@@ -286,12 +288,13 @@ def denoising_loss(components: dict[str, Any], ts: TrainingSet, *, seed: int = 0
     return total / draws
 
 
-def _private_generator(seed: int | None) -> torch.Generator:
-    """A generator for DP noise and Poisson sampling. Seeded from the OS entropy pool unless `seed` is given: a
-    known seed lets anyone recompute and subtract the noise, so a fixed seed is for tests only."""
+def _private_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for DP noise or Poisson sampling on `device` (noise is drawn where the gradients live). Seeded
+    from the OS entropy pool unless `seed` is given: a known seed lets anyone recompute and subtract the noise, so
+    a fixed seed is for tests only."""
     if seed is not None:
         log.warning("DP noise and sampling use a fixed seed: reproducible, and therefore NOT private")
-    return torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+    return torch.Generator(device=device).manual_seed(seed if seed is not None else secrets.randbits(63))
 
 
 def _noise_only_step(optimizer: Any) -> None:
@@ -343,7 +346,9 @@ def train_lora(components: dict[str, Any], ts: TrainingSet, settings: IdentitySe
     bar = None
     try:
         if settings.dp_enabled:
-            model, optimizer, loader, engine = _make_private(unet, optimizer, loader, settings, steps, sample_gen)
+            noise_gen = sample_gen if unet.device.type == "cpu" else _private_generator(
+                None if dp_noise_seed is None else dp_noise_seed + 1, unet.device)
+            model, optimizer, loader, engine = _make_private(unet, optimizer, loader, settings, steps, noise_gen)
         bar = tqdm(total=steps, desc="Identity Net LoRA" + (" (DP)" if engine else ""), disable=not progress,
                    leave=False)
         with warnings.catch_warnings():
@@ -396,15 +401,23 @@ def compose_epsilon(reports: Sequence[PrivacyReport], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
+def _grad_sample_mode(mode: str, unet: torch.nn.Module) -> str:
+    """Resolve "auto" to the per-sample-gradient mode measured faster on the UNet's device."""
+    if mode != "auto":
+        return mode
+    return "hooks" if next(unet.parameters()).device.type == "cuda" else "ew"
+
+
 def _make_private(unet: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, settings: IdentitySettings,
                   steps: int, generator: torch.Generator) -> tuple[Any, Any, Any, Any]:
-    """Wrap the ordinary model/optimizer/loader with Opacus; the loader's generator drives Poisson sampling."""
+    """Wrap the ordinary model/optimizer/loader with Opacus; the loader's own generator drives Poisson sampling and
+    `generator` (on the gradients' device) the noise."""
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant=settings.accountant)
     common = dict(module=unet, optimizer=optimizer, data_loader=loader, max_grad_norm=settings.max_grad_norm,
                   poisson_sampling=True, noise_generator=generator,
-                  grad_sample_mode=settings.grad_sample_mode)
+                  grad_sample_mode=_grad_sample_mode(settings.grad_sample_mode, unet))
     if settings.target_epsilon is not None:
         if settings.noise_multiplier is not None:
             log.info("target_epsilon %.3g set: the noise multiplier is chosen by the accountant, not %.3g",
@@ -450,16 +463,22 @@ def _validated_crops(crops: Sequence[FaceCrop | np.ndarray], photo_sha256: Seque
 
 
 def train_identity_adapter(crops: Sequence[FaceCrop | np.ndarray], settings: IdentitySettings, *, person_ref: str,
-                           photo_sha256: Sequence[str] | None = None, base: BaseModel | None = None,
-                           progress: bool = True, dp_noise_seed: int | None = None) -> IdentityAdapter:
-    """Train a person's Identity Net adapter on 3-20 face-centred crops.
+                           ledger: ConsentLedger, photo_sha256: Sequence[str] | None = None, base: BaseModel | None = None,
+                           progress: bool = True, dp_noise_seed: int | None = None, actor: str = "site",
+                           ) -> IdentityAdapter:
+    """Train a person's Identity Net adapter on 3-20 face-centred crops, with their `personal_adapter` consent.
 
     crops: `FaceCrop` records, or (S, S, 3) uint8 RGB arrays together with `photo_sha256` (one hash per crop).
     person_ref: the pseudonymous reference (a hash) the adapter is filed under; never a name.
+    ledger: the site's consent ledger. `ledger.require(person_ref, "personal_adapter")` is checked before anything is
+        loaded and again when training ends (a consent revoked or expired meanwhile discards the adapter); it raises
+        ConsentMissing / ConsentExpired / ConsentRevoked and audits each answer. `actor` is who the ledger records.
     base: the loaded base model; default `load_base_model(settings.base_model, config_dir=settings.base_model_config)`.
         Its UNet gets the LoRA for training and is handed back bare afterwards.
     Returns the adapter (weights folded, see `lora_state_dict`) with its privacy report. Nothing leaves the site.
+    The pieces below it (`prepare_training_set`, `attach_lora`, `train_lora`) check no consent: callers own that.
     """
+    ledger.require(person_ref, PERSONAL_ADAPTER_PURPOSE, actor=actor)
     arrays, hashes = _validated_crops(crops, photo_sha256)
     if base is None:
         base = load_base_model(settings.base_model, config_dir=settings.base_model_config)
@@ -473,6 +492,11 @@ def train_identity_adapter(crops: Sequence[FaceCrop | np.ndarray], settings: Ide
         state = lora_state_dict(unet)
     finally:
         detach_lora(unet)
+    try:
+        ledger.require(person_ref, PERSONAL_ADAPTER_PURPOSE, actor=actor)
+    except ConsentError:
+        state.clear()  # consent ended during training: the adapter is not kept
+        raise
     eps = "off" if report.epsilon is None else f"{report.epsilon:.3g}"
     log.info("identity adapter for %s: %d crops, %d steps, final loss %.4f, epsilon %s (delta %g)",
              person_ref[:12], len(arrays), report.steps, losses[-1] if losses else math.nan, eps, report.delta)

@@ -4,7 +4,8 @@ Reviewers authenticate with HTTP Basic against scrypt hashes from the config (`p
 `megaportrait audit hash-password`); there is no other role and no endpoint that writes. The page shows each log's
 verification result (the same `audit.verify` the CLI runs) and the entries that match a filter given in the query
 string (person, site, action, outcome, since, until), rendered server-side; JSON and CSV exports take the same
-filter.
+filter. `/healthz` and `/metrics` need no login and show no entry: only whether each log file is readable, its size,
+and the result of the last verification the page ran.
 """
 # No `from __future__ import annotations`: FastAPI resolves the routes' dependency annotations at runtime.
 
@@ -28,7 +29,9 @@ from fastapi import Depends, FastAPI, HTTPException, Query, status
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from megaportrait.shared import audit
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+
+from megaportrait.shared import audit, service_health
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 MAX_ROWS = 2000
@@ -82,6 +85,12 @@ class _VerifyCache:
         with self._lock:
             self._cache[log.path] = (stamp, report)
         return report
+
+    def last(self, log: ReviewedLog) -> audit.VerifyReport | None:
+        """The latest report computed for `log` (possibly older than the file), or None; never verifies."""
+        with self._lock:
+            hit = self._cache.get(log.path)
+        return hit[1] if hit else None
 
 
 def _parse_time(name: str, value: str | None) -> datetime | None:
@@ -139,6 +148,53 @@ def create_review_app(logs: Sequence[ReviewedLog], reviewers: Mapping[str, str])
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
+
+    health_registry = service_health.new_registry("audit-review")
+    check_gauge = Gauge("megaportrait_health_check_ok", "1 when the named health check passed at the last probe or scrape.",
+                        ["check"], registry=health_registry)  # fmt: skip
+    size_gauge = Gauge("megaportrait_audit_log_size_bytes", "Size of each reviewed audit log.", ["log"], registry=health_registry)
+    verified_gauge = Gauge("megaportrait_audit_log_verified", "1 when the log had no problem at the last verification the page ran "
+                           "(absent until one ran).", ["log"], registry=health_registry)  # fmt: skip
+
+    def readable(path: Path):  # type: ignore[no-untyped-def]
+        def check() -> None:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist")
+            if not os.access(path, os.R_OK):
+                raise PermissionError(f"{path} is not readable")
+
+        return check
+
+    checks = {f"log:{log.path.name}": readable(log.path) for log in logs}
+
+    def run_checks() -> list:  # type: ignore[type-arg]
+        results = service_health.run_checks(checks)
+        for r in results:
+            check_gauge.labels(r.name).set(1 if r.ok else 0)
+        return results
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> JSONResponse:
+        """Unauthenticated liveness: every reviewed log file is readable. Shows no entry and no verification result."""
+        results = run_checks()
+        ok = all(r.ok for r in results)
+        body = {"service": "audit-review", "status": "ok" if ok else "failing", "checks": [r.__dict__ for r in results]}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Unauthenticated Prometheus metrics: per log, its size and last verification result; process metrics.
+
+        A scrape never verifies (that is the page's work, cached): it reads what the last verification found.
+        """
+        run_checks()
+        for log in logs:
+            if log.path.is_file():
+                size_gauge.labels(log.path.name).set(log.path.stat().st_size)
+            report = cache.last(log)
+            if report is not None:
+                verified_gauge.labels(log.path.name).set(1 if report.ok else 0)
+        return Response(generate_latest(health_registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
     def page(who: Annotated[str, Depends(reviewer)], flt: Annotated[audit.EntryFilter, Depends(entry_filter)]) -> HTMLResponse:

@@ -6,11 +6,16 @@ receipts; `require` raises `ConsentMissing`, `ConsentExpired` or `ConsentRevoked
 
 `revoke_person` is the revocation flow: revoke the receipts (the person drops out of the next round), delete the
 person's data at the site through the registered stores and check it is gone, ask the render node to delete its
-payloads and outputs (it destroys their per-job keys) and verify the node's signed deletion statement.
+payloads and outputs (it destroys their per-job keys) and verify the node's signed deletion statement
+(`shared.deletion`, the one format node and site share).
 
-Jobs: the site calls `require(person_ref, purpose)` before it seals a payload and names the receipt in the payload's
-signed header (`consent_ref = receipt.receipt_id`). The render node never sees the ledger; where it is handed the
-receipt itself (`ConsentReceipt.to_token()`), `check_receipt` verifies it with the site's public key alone.
+Jobs: the site's sealing functions (`client.payload.seal_face_crops` / `seal_adapter`) call
+`require(person_ref, purpose)` and name the receipt in the payload's signed header (`consent_ref = receipt.receipt_id`);
+`client.identity.train_identity_adapter` requires `personal_adapter`. The purposes the code checks are the
+`*_PURPOSE` constants below; `check_policy_purposes` refuses a consent policy that lacks one. The render node never
+sees the ledger: it checks the payload's consent scope, and refuses payloads of a person sealed before that person's
+data was deleted there. Where a receipt itself is handed over (`ConsentReceipt.to_token()`), `check_receipt`
+verifies it with the site's public key alone.
 """
 from __future__ import annotations
 
@@ -27,8 +32,19 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .audit import AuditLog, canonical_json, key_id, load_public_key
+from .deletion import DELETION_DOMAIN, DeletionConfirmation, DeletionSignatureInvalid
 from .errors import MegaPortraitError
-from .policy import ConsentPolicy
+from .payload_format import CLASSIC_CROP_PURPOSE  # face crops themselves may leave the site only under this purpose
+from .policy import ConsentPolicy, PolicyError
+
+RENDER_PURPOSE = "render"
+"""Consent purpose checked before a payload is sealed for the render node (and the node's scope for adapters)."""
+PERSONAL_ADAPTER_PURPOSE = "personal_adapter"
+"""Consent purpose checked before a per-person Identity Net adapter is trained."""
+FEDERATED_TRAINING_PURPOSE = "federated_training"
+"""Consent purpose checked before a person's photos take part in a federated round."""
+CODE_PURPOSES = (PERSONAL_ADAPTER_PURPOSE, FEDERATED_TRAINING_PURPOSE, RENDER_PURPOSE, CLASSIC_CROP_PURPOSE)
+"""The purposes the code checks; `check_policy_purposes` refuses a consent policy that lacks one."""
 
 _RECEIPT_DOMAIN = b"megaportrait-consent-receipt-v1\n"
 CLOCK_SKEW = timedelta(minutes=5)
@@ -87,6 +103,13 @@ class RevocationIncomplete(MegaPortraitError):
     def __init__(self, person: str, pending: Sequence[str], result: "RevocationResult") -> None:
         super().__init__(f"person {person}: revocation incomplete, still pending: {', '.join(pending)}")
         self.person, self.pending, self.result = person, tuple(pending), result
+
+
+def check_policy_purposes(policy: ConsentPolicy, purposes: Iterable[str] = CODE_PURPOSES) -> None:
+    """Raise PolicyError (naming the policy file) when it does not define every purpose the code checks."""
+    missing = [p for p in purposes if p not in policy.purposes]
+    if missing:
+        raise PolicyError(policy.path, None, f"purposes {', '.join(missing)} are checked by the code but not defined in this policy")
 
 
 # --- records ------------------------------------------------------------------------------------------------------
@@ -179,83 +202,41 @@ def check_receipt(
         raise ConsentExpired(receipt.person_ref, purpose, at, receipt.expires_at)
 
 
-RENDER_DELETION_DOMAIN = "megaportrait/render-deletion/v1"
-"""The signature domain of the render node's deletion statements (`server.render.node.DELETION_DOMAIN`)."""
-
-
-@dataclass(frozen=True)
-class DeletionConfirmation:
-    """The site's verified reading of a render node's signed deletion statement.
-
-    deleted: payload and result hashes of the destroyed jobs; keys_destroyed: per-job data keys shredded; all_gone:
-    every job's key was destroyed. `statement` (canonical JSON) and `signature` (hex) are kept as the node sent
-    them, so the proof can be re-checked later with the node's public key alone.
-    """
-
-    node: str
-    person_ref: str
-    job_ids: tuple[str, ...]
-    deleted: tuple[str, ...]
-    keys_destroyed: int
-    all_gone: bool
-    at: datetime
-    statement: str
-    signature: str
-
-    def to_json(self) -> dict:
-        return {"statement": self.statement, "signature": self.signature}
-
-
-def _raw_confirmation(raw: object) -> tuple[bytes, bytes]:
-    """(statement, signature) from the node's dataclass, its gRPC message, a stored dict, or our own record."""
-    if isinstance(raw, DeletionConfirmation):
-        return raw.statement.encode(), bytes.fromhex(raw.signature)
-    if isinstance(raw, (str, bytes)):
-        raw = json.loads(raw)
-    if isinstance(raw, dict):
-        statement, signature = raw["statement"], raw["signature"]
-    else:
-        statement, signature = raw.statement, raw.signature  # type: ignore[attr-defined]
-    statement = statement.encode() if isinstance(statement, str) else bytes(statement)
-    signature = bytes.fromhex(signature) if isinstance(signature, str) else bytes(signature)
-    return statement, signature
+RENDER_DELETION_DOMAIN = DELETION_DOMAIN
+"""Kept for callers of the old name: the one domain lives in `shared.deletion`."""
 
 
 def verify_deletion_confirmation(
     raw: object, node_public_key: Ed25519PublicKey | str | Path, *, person_ref: str, not_before: datetime
 ) -> DeletionConfirmation:
-    """Check a render node's deletion statement and return what it proves; raise ConsentInvalid if it proves nothing.
+    """Check a render node's deletion statement and return it; raise ConsentInvalid if it proves nothing.
 
-    It must be signed by the node's key (domain-separated), be about `person_ref`, be dated no earlier than the
-    request (less `CLOCK_SKEW`), and say every job's data key was destroyed.
+    `raw` is the node's `DeletionConfirmation`, its gRPC message, or a stored `to_json()` dict. It must be signed by
+    the node's key (domain-separated), be about `person_ref`, be dated no earlier than the request (less
+    `CLOCK_SKEW`), and say every job's data key was destroyed.
     """
-    statement, signature = _raw_confirmation(raw)
     pub = load_public_key(node_public_key)
     try:
-        pub.verify(signature, RENDER_DELETION_DOMAIN.encode() + b"\0" + statement)
-    except (InvalidSignature, ValueError):
-        raise ConsentInvalid("render node deletion statement: signature does not verify with the node's key") from None
+        conf = DeletionConfirmation.from_raw(raw, pub)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConsentInvalid(f"render node deletion statement is unreadable: {exc}") from None
     try:
-        body = json.loads(statement)
-        if body.get("type") != RENDER_DELETION_DOMAIN:
-            raise ValueError(f"type {body.get('type')!r}")
-        jobs = list(body["jobs"])
-        at = _utc(datetime.fromisoformat(body["deleted_at"]))
-        conf = DeletionConfirmation(
-            node=str(body["node_id"]), person_ref=str(body["person_ref"]), job_ids=tuple(j["job_id"] for j in jobs),
-            deleted=tuple(sorted(h for j in jobs for h in (j["payload_sha256"], j["result_sha256"]) if h)),
-            keys_destroyed=sum(bool(j["data_key_destroyed"]) for j in jobs),
-            all_gone=all(bool(j["data_key_destroyed"]) for j in jobs), at=at,
-            statement=statement.decode(), signature=signature.hex(),
-        )  # fmt: skip
+        conf.verify(pub)
+    except DeletionSignatureInvalid:
+        raise ConsentInvalid("render node deletion statement: signature does not verify with the node's key") from None
+    except ValueError as exc:
+        raise ConsentInvalid(f"render node deletion statement is malformed: {exc}") from None
+    try:
+        about, at, all_gone, node = conf.person_ref, conf.at, conf.all_gone, conf.node
+        conf.deleted  # noqa: B018 - reads every job's hashes: a malformed job entry is refused here
     except (ValueError, KeyError, TypeError) as exc:
         raise ConsentInvalid(f"render node deletion statement is malformed: {exc}") from None
-    if conf.person_ref != person_ref:
-        raise ConsentInvalid(f"deletion statement is for person {conf.person_ref}, not {person_ref}")
-    if conf.at < not_before - CLOCK_SKEW:
-        raise ConsentInvalid(f"deletion statement dated {conf.at.isoformat()} predates the request: replayed?")
-    if not conf.all_gone:
-        raise ConsentInvalid(f"render node {conf.node} did not destroy every data key of person {person_ref}")
+    if about != person_ref:
+        raise ConsentInvalid(f"deletion statement is for person {about}, not {person_ref}")
+    if at < not_before - CLOCK_SKEW:
+        raise ConsentInvalid(f"deletion statement dated {at.isoformat()} predates the request: replayed?")
+    if not all_gone:
+        raise ConsentInvalid(f"render node {node} did not destroy every data key of person {person_ref}")
     return conf
 
 

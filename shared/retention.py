@@ -75,7 +75,9 @@ class SweepReport:
 class RetentionSweeper:
     """Deletes expired items from `stores` (data kind -> store) under `policy`, verifying and auditing each.
 
-    `actor` names the sweeper in the audit log (e.g. "retention:site:alpha").
+    `actor` names the sweeper in the audit log (e.g. "retention:site:alpha"). `clock` gives "now" when a sweep is
+    not handed a time (default: the system clock, UTC); tests pass their own. `last_report` and `last_error` say how
+    the latest sweep went (a health check reads them); `on_report` is called with each finished sweep's report.
     """
 
     def __init__(
@@ -85,15 +87,24 @@ class RetentionSweeper:
         audit: AuditLog,
         *,
         actor: str = "retention-sweeper",
+        clock: Callable[[], datetime] | None = None,
+        on_report: Callable[[SweepReport], None] | None = None,
     ) -> None:
         unknown = [k for k in stores if k not in DATA_KINDS]
         if unknown:
             raise ValueError(f"no retention rule for data kind(s) {unknown}; known kinds: {', '.join(DATA_KINDS)}")
         self.policy, self.stores, self.audit, self.actor = policy, dict(stores), audit, actor
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.on_report = on_report
+        self.last_report: SweepReport | None = None
+        self.last_error: str = ""
+
+    def _now(self, now: datetime | None) -> datetime:
+        return _utc(now if now is not None else self.clock())
 
     def expired(self, now: datetime | None = None) -> list[RetainedItem]:
         """Items older than their kind's `keep`, oldest first (nothing is deleted)."""
-        now = _utc(now)
+        now = self._now(now)
         out = []
         for kind, store in self.stores.items():
             keep = self.policy.keep(kind)
@@ -105,11 +116,12 @@ class RetentionSweeper:
 
         `progress(done, total)` is called after each item (the CLI shows a bar with it).
         """
-        now = _utc(now)
+        now = self._now(now)
         report = SweepReport(at=now)
-        items = self.expired(now)
-        total_items = sum(1 for kind, store in self.stores.items() for _ in store.list(kind))
-        report.kept = total_items - len(items)
+        listed = {kind: list(store.list(kind)) for kind, store in self.stores.items()}
+        items = sorted((i for kind, found in listed.items() for i in found if now - _utc(i.created_at) >= self.policy.keep(kind)),
+                       key=lambda i: _utc(i.created_at))  # fmt: skip
+        report.kept = sum(len(found) for found in listed.values()) - len(items)
         policy = self.policy.version_hash
         for n, item in enumerate(items, start=1):
             store = self.stores[item.kind]
@@ -133,18 +145,39 @@ class RetentionSweeper:
                 progress(n, len(items))
         self.audit.append("retention.sweep", actor=self.actor, outcome="ok" if report.ok else "failed", policy=policy,
                           detail={"deleted": report.deleted_count, "failed": len(report.failed), "kept": report.kept})  # fmt: skip
+        self.last_report, self.last_error = report, ""
+        if self.on_report:
+            self.on_report(report)
         return report
 
+    def sweep_logged(self, now: datetime | None = None) -> SweepReport | None:
+        """`sweep`, for a background thread: an error that stops the whole sweep (a store cannot be listed, the
+        audit log cannot be written) is logged, kept in `last_error` and audited where possible, never raised."""
+        try:
+            return self.sweep(now)
+        except Exception as exc:  # noqa: BLE001 - the periodic sweeper must survive to try again next interval
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            log.exception("retention sweep by %s failed", self.actor)
+            try:
+                self.audit.append("retention.sweep", actor=self.actor, outcome="failed", policy=self.policy.version_hash,
+                                  detail={"error": self.last_error})  # fmt: skip
+            except Exception:  # noqa: BLE001 - the audit log itself may be what failed; already logged above
+                log.exception("retention: cannot audit the failed sweep")
+            return None
+
     def run_every(self, stop: threading.Event, *, on_startup: bool | None = None) -> threading.Thread:
-        """Sweep now (if the policy says `on_startup`) and then every `sweep.interval` until `stop` is set."""
+        """Sweep now (if the policy says `on_startup`) and then every `sweep.interval` until `stop` is set.
+
+        A sweep that fails as a whole is logged and audited (`sweep_logged`) and the next one runs on schedule.
+        """
         rule = self.policy.rules.sweep
         first = rule.on_startup if on_startup is None else on_startup
 
         def loop() -> None:
             if first:
-                self.sweep()
+                self.sweep_logged()
             while not stop.wait(rule.interval.total_seconds()):
-                self.sweep()
+                self.sweep_logged()
 
         thread = threading.Thread(target=loop, name="retention-sweeper", daemon=True)
         thread.start()

@@ -38,12 +38,12 @@ def trust_site(
     key: Path = typer.Option(..., exists=True, dir_okay=False, help="The site's Ed25519 public key (PEM)."),
     state_dir: Path = STATE_DIR,
 ) -> None:
-    """Accept payloads signed by this site key."""
+    """Accept payloads signed by this site key; a running node picks it up at its next submission (no restart)."""
     from megaportrait.server.render.payloads import TrustedSites
     from megaportrait.shared.crypto import load_ed25519_public
 
     fp = TrustedSites().add(site_id, load_ed25519_public(key), state_dir / "trusted_sites")
-    typer.echo(f"trusted site {site_id} key {fp}")
+    typer.echo(f"trusted site {site_id} key {fp} (a running node uses it from its next submission)")
 
 
 @app.command()
@@ -56,26 +56,61 @@ def serve(
     workers: Optional[int] = typer.Option(None, min=1, help="Jobs rendered at once [render.workers]."),
     config: Optional[Path] = typer.Option(None, help="MegaPortrait YAML config (else $MEGAPORTRAIT_CONFIG, else defaults)."),
 ) -> None:
-    """Serve the render API over mutual TLS until interrupted (SIGINT/SIGTERM); unfinished jobs resume next start."""
+    """Serve the render API over mutual TLS until interrupted (SIGINT/SIGTERM); unfinished jobs resume next start.
+
+    At start the consent and retention policies are validated (policy.consent_file, policy.retention_file; a bad file
+    is refused with its line), expired data is swept, and /healthz + /metrics are served on health.listen when set.
+    The node's audit log is <state-dir>/audit/audit.jsonl unless policy.audit_log / policy.audit_key are configured.
+    """
     import signal
     import threading
 
     from megaportrait.server.render.backends import default_registry
     from megaportrait.server.render.node import RenderNode
-    from megaportrait.server.render.service import TLSFiles, start_server
+    from megaportrait.server.render.retention import load_node_policies
+    from megaportrait.server.render.service import TLSFiles, start_health, start_server
+    from megaportrait.shared import service_health
     from megaportrait.shared.config import load_settings
+    from megaportrait.shared.errors import MegaPortraitError
     from megaportrait.shared.logs import configure_logging
 
     configure_logging()
-    rs = load_settings(config).render
-    state_dir = state_dir or rs.state_dir
-    node = RenderNode.from_state_dir(
-        state_dir, registry=default_registry(rs), default_backend=backend or rs.backend, workers=workers or rs.workers,
-        max_attempts=rs.max_job_attempts,
-    )
-    resumed, ended = node.start()
-    typer.echo(f"recovered jobs: {len(resumed)} resumed, {len(ended)} ended")
-    server, port = start_server(node, listen or rs.listen, TLSFiles.from_dir(tls_dir or rs.tls_dir, cert_name))
+    try:
+        settings = load_settings(config)
+        rs, ps = settings.render, settings.policy
+        state_dir = state_dir or rs.state_dir
+        policies = load_node_policies(ps.consent_file, ps.retention_file)
+        # policy.audit_log/audit_key when configured explicitly; else the node's own log in its state dir
+        audit_files = (ps.audit_log, ps.audit_key) if {"audit_log", "audit_key"} & ps.model_fields_set else None
+        node = RenderNode.from_state_dir(
+            state_dir, registry=default_registry(rs), default_backend=backend or rs.backend, workers=workers or rs.workers,
+            max_attempts=rs.max_job_attempts, policies=policies, audit_files=audit_files,
+            metrics_registry=service_health.new_registry("render-node"),
+        )
+    except MegaPortraitError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"policies: consent {policies.consent.version_hash[:12]}, retention {policies.retention.version_hash[:12]}; "
+               f"audit log {node.audit.path}")
+    server = health = None
+    try:
+        resumed, ended = node.start()
+        typer.echo(f"recovered jobs: {len(resumed)} resumed, {len(ended)} ended")
+        report = node.retention.last_report
+        if node.retention.last_error:
+            typer.echo(f"start-up retention sweep failed: {node.retention.last_error} (see /healthz; it is retried every interval)", err=True)
+        elif report is not None:
+            typer.echo(f"start-up retention sweep: {report.deleted_count} deleted, {len(report.failed)} failed, {report.kept} kept")
+        server, port = start_server(node, listen or rs.listen, TLSFiles.from_dir(tls_dir or rs.tls_dir, cert_name))
+        if settings.health.listen:
+            health = start_health(node, settings.health.listen)
+            typer.echo(f"/healthz and /metrics on {health.url}")
+    except (MegaPortraitError, OSError) as exc:
+        if server is not None:
+            server.stop(grace=None)
+        node.stop()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"render node {node.identity.node_id} serving on port {port} (mutual TLS); Ctrl-C stops it")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -85,5 +120,7 @@ def serve(
     except KeyboardInterrupt:
         pass
     server.stop(grace=5).wait()
+    if health is not None:
+        health.stop()
     node.stop()
     typer.echo("stopped; unfinished jobs resume on the next start")

@@ -4,8 +4,10 @@ Tables: `jobs` (state and non-personal bookkeeping: hashes, pseudonymous referen
 the template and the results, each AES-256-GCM under the job's data key with the job id and blob name as associated
 data), `data_keys` (one key per job, itself wrapped with the node's store key, which lives in a 0600 file outside
 the database so a copy of the database alone reads nothing), `consumed_nonces` (replay protection; outlives the job), `tombstones` (what was
-deleted and when). Deleting a job destroys its data key and blobs with SQLite's `secure_delete` on, so the data
-cannot be read back even from a copy of the blobs (crypto-shredding).
+deleted and when), `person_deletions` (when a person's jobs were deleted on revocation: payloads sealed before then
+are refused). Deleting a job destroys its data key and blobs with SQLite's `secure_delete` on, so the data
+cannot be read back even from a copy of the blobs (crypto-shredding). `shred_inputs` does the same for a finished
+job's payload and template alone (the result is re-keyed first), for the retention rule on payloads.
 
 One connection, guarded by a lock: the node runs a handful of threads and SQLite serialises writes anyway.
 """
@@ -74,6 +76,10 @@ CREATE TABLE IF NOT EXISTS consumed_nonces (
     payload_sha256 TEXT NOT NULL,
     expires_at INTEGER NOT NULL,
     consumed_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS person_deletions (
+    person_ref TEXT PRIMARY KEY,
+    deleted_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS tombstones (
     job_id TEXT PRIMARY KEY,
@@ -225,6 +231,31 @@ class JobStore:
         with self._lock:
             return [r["job_id"] for r in self._db.execute(sql + " ORDER BY created_at", args).fetchall()]
 
+    def count_in_state(self, *states: str) -> int:
+        marks = ",".join("?" * len(states))
+        with self._lock:
+            return int(self._db.execute(f"SELECT count(*) FROM jobs WHERE state IN ({marks})", states).fetchone()[0])
+
+    def jobs_holding_inputs(self) -> list[JobRow]:
+        """Jobs whose sealed payload is still stored (oldest first): what the `render_payloads` rule governs."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE job_id IN (SELECT job_id FROM blobs WHERE name = 'sealed_payload') ORDER BY created_at"
+            ).fetchall()
+        return [_row(r) for r in rows]
+
+    def holds_data(self, job_id: str) -> bool:
+        """True while any blob or data key of the job is stored."""
+        with self._lock:
+            return bool(self._db.execute(
+                "SELECT EXISTS(SELECT 1 FROM blobs WHERE job_id = ?) OR EXISTS(SELECT 1 FROM data_keys WHERE job_id = ?)", (job_id, job_id)
+            ).fetchone()[0])
+
+    def ping(self) -> None:
+        """Raise when the database cannot be read (a health check)."""
+        with self._lock:
+            self._db.execute("SELECT count(*) FROM data_keys").fetchone()
+
     def load_inputs(self, job_id: str) -> tuple[bytes, bytes]:
         """(sealed payload, template bytes), decrypted from rest into memory."""
         return self._read_blob(job_id, "sealed_payload"), self._read_blob(job_id, "template")
@@ -250,18 +281,9 @@ class JobStore:
         request_sha = job.request_sha256 or payload_sha
         with self._lock:
             existing = self.find(job.job_id)
-            if existing is not None:
-                if existing.request_sha256 == request_sha:
-                    return existing, True
-                what = "template, backend or parameters" if existing.payload_sha256 == payload_sha else "payload"
-                raise JobConflict(f"job {job.job_id!r} already exists with a different {what}; use a new job id")
-            used = self._db.execute("SELECT job_id FROM consumed_nonces WHERE nonce = ?", (job.nonce,)).fetchone()
-            if used is not None:
-                raise PayloadReplayed(
-                    f"this payload (nonce {job.nonce[:8]}...) was already consumed by job {used['job_id']!r}; seal a new payload"
-                )
-            if self.tombstone(job.job_id):
-                raise JobConflict(f"job id {job.job_id!r} belonged to a deleted job and cannot be reused")
+            if existing is not None and existing.request_sha256 == request_sha:
+                return existing, True
+            self._refuse_new(job.job_id, job.nonce, payload_sha, existing)
             key, now = new_data_key(), _now()
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -398,6 +420,68 @@ class JobStore:
             log.info("deleted job %s: data key destroyed", short_hash(d.job_id))
         return deleted
 
+    def shred_inputs(self, job_id: str) -> bool:
+        """Crypto-shred a finished job's sealed payload and template, keeping its result readable.
+
+        The result blobs are re-encrypted under a fresh data key and the old key is destroyed, so a copy of the
+        input blobs taken earlier can no longer be opened; the input blobs are deleted (secure_delete). Returns
+        False when the job holds no inputs any more. Raises JobNotFound for an unknown job and JobNotReady for a
+        job that is still queued or running (delete it whole instead).
+        """
+        with self._lock:
+            row = self.get(job_id)
+            if not row.terminal:
+                raise JobNotReady(f"job {job_id!r} is {row.state}; its inputs are still needed (delete the job instead)", reason=f"job_{row.state}")
+            names = [r["name"] for r in self._db.execute("SELECT name FROM blobs WHERE job_id = ?", (job_id,)).fetchall()]
+            if "sealed_payload" not in names and "template" not in names:
+                return False
+            old_key, new_key = self._key(job_id), new_data_key()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for name in names:
+                    if name in _INPUT_BLOBS:
+                        continue
+                    blob = self._db.execute("SELECT data FROM blobs WHERE job_id = ? AND name = ?", (job_id, name)).fetchone()
+                    self._put_blob(job_id, name, decrypt_at_rest(old_key, bytes(blob["data"]), _aad(job_id, name)), new_key)
+                self._db.execute(f"DELETE FROM blobs WHERE job_id = ? AND name IN ({','.join('?' * len(_INPUT_BLOBS))})", (job_id, *_INPUT_BLOBS))
+                self._db.execute("UPDATE data_keys SET key = ? WHERE job_id = ?", (encrypt_at_rest(self._store_key, new_key, _key_aad(job_id)), job_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            del old_key
+        log.info("job %s: inputs shredded (data key rotated)", short_hash(job_id))
+        return True
+
+    def check_new(self, job_id: str, nonce: str, payload_sha256: str) -> None:
+        """Raise what `create` would for a new job (JobConflict, PayloadReplayed) without storing anything, so a
+        refused payload need not be decrypted first. `create` checks again, atomically."""
+        with self._lock:
+            self._refuse_new(job_id, nonce, payload_sha256, self.find(job_id))
+
+    def _refuse_new(self, job_id: str, nonce: str, payload_sha256: str, existing: JobRow | None) -> None:
+        if existing is not None:
+            what = "template, backend or parameters" if existing.payload_sha256 == payload_sha256 else "payload"
+            raise JobConflict(f"job {job_id!r} already exists with a different {what}; use a new job id")
+        used = self._db.execute("SELECT job_id FROM consumed_nonces WHERE nonce = ?", (nonce,)).fetchone()
+        if used is not None:
+            raise PayloadReplayed(f"this payload (nonce {nonce[:8]}...) was already consumed by job {used['job_id']!r}; seal a new payload")
+        if self.tombstone(job_id):
+            raise JobConflict(f"job id {job_id!r} belonged to a deleted job and cannot be reused")
+
+    def record_person_deletion(self, person_ref: str, at: int) -> None:
+        """Remember that every job of `person_ref` was deleted at `at` (epoch seconds; the latest time is kept)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO person_deletions (person_ref, deleted_at) VALUES (?, ?) "
+                "ON CONFLICT(person_ref) DO UPDATE SET deleted_at = max(deleted_at, excluded.deleted_at)", (person_ref, int(at))
+            )
+
+    def person_deleted_at(self, person_ref: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT deleted_at FROM person_deletions WHERE person_ref = ?", (person_ref,)).fetchone()
+        return int(row["deleted_at"]) if row else None
+
     def prune_nonces(self, now: int) -> int:
         """Forget consumed nonces of payloads that expired (an expired payload is refused anyway)."""
         with self._lock:
@@ -422,6 +506,9 @@ class JobStore:
         if row is None:
             raise JobNotFound(f"job {job_id!r} has no stored {name}")
         return decrypt_at_rest(key, bytes(row["data"]), _aad(job_id, name))
+
+
+_INPUT_BLOBS = ("sealed_payload", "template")
 
 
 def _key_aad(job_id: str) -> bytes:

@@ -1,20 +1,22 @@
 """Check and open sealed identity payloads on the render node, in memory only.
 
 `verify_envelope` runs every check that needs no decryption, in an order that gives the most precise refusal:
-layout -> trusted site -> signature -> recipient key -> expiry -> binding to the request -> consent scope of
-face crops -> ciphertext hash.
+layout -> trusted site -> signature -> recipient key -> expiry -> binding to the request -> consent scope (face
+crops only under `classic_face_crop_payload`, adapters only under `render`) -> ciphertext hash.
 `open_identity` then decrypts with the node's HPKE key and decodes the plaintext into a record. Nothing here
 writes to disk. Replay is the job store's check (it needs the consumed-nonce table).
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from megaportrait.shared.consent import RENDER_PURPOSE
 from megaportrait.shared.crypto import (
     HPKE_SUITE_NAME,
     DecryptionFailed,
@@ -69,7 +71,9 @@ class TrustedSites:
         if directory is not None:
             path = Path(directory) / site_id / f"{fp}.pem"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(ed25519_public_pem(key))
+            tmp = path.with_name(f".{fp}.pem.tmp")  # a running node never sees a half-written key (it reads *.pem)
+            tmp.write_bytes(ed25519_public_pem(key))
+            os.replace(tmp, path)
         return fp
 
     def lookup(self, site_id: str, fingerprint: str) -> Ed25519PublicKey:
@@ -148,6 +152,10 @@ def verify_envelope(
     if h.kind == KIND_FACE_CROPS and h.consent_scope != CLASSIC_CROP_PURPOSE:
         raise ConsentScopeRefused(
             f"face crops arrived under consent scope {h.consent_scope!r}; the node accepts them only under {CLASSIC_CROP_PURPOSE!r}"
+        )
+    if h.kind == KIND_LORA_ADAPTER and h.consent_scope != RENDER_PURPOSE:
+        raise ConsentScopeRefused(
+            f"an adapter arrived under consent scope {h.consent_scope!r}; the node accepts adapters only under {RENDER_PURPOSE!r}"
         )
     if sha256_hex(env.ciphertext) != h.ciphertext_sha256:
         raise PayloadTampered("ciphertext does not match the signed hash: it was modified", reason="ciphertext_modified")

@@ -16,6 +16,7 @@ import grpc
 
 from megaportrait.protos import render_pb2 as pb
 from megaportrait.protos import render_pb2_grpc as pb_grpc
+from megaportrait.shared.audit import AuditError
 from megaportrait.shared.crypto import HPKE_SUITE_NAME, KeyFileError, ed25519_fingerprint
 from megaportrait.shared.errors import MegaPortraitError
 from megaportrait.shared.payload_format import (
@@ -32,7 +33,16 @@ from megaportrait.shared.records import StageSwitches, sha256_hex
 
 from .backends import UnknownBackend
 from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobConflict, JobNotFound, JobNotReady, JobRow
-from .node import API_VERSION, DeletionConfirmation, InvalidRequest, NodeShuttingDown, NotJobOwner, RenderNode, SubmitRequest
+from .node import (
+    API_VERSION,
+    DeletionConfirmation,
+    InvalidRequest,
+    NodeShuttingDown,
+    NotJobOwner,
+    RenderNode,
+    SubmitRequest,
+    TrustedSitesUnavailable,
+)
 
 log = logging.getLogger("megaportrait.render.service")
 
@@ -61,6 +71,8 @@ STATUS_FOR_ERROR: dict[type[MegaPortraitError], grpc.StatusCode] = {
     JobNotReady: grpc.StatusCode.FAILED_PRECONDITION,
     NotJobOwner: grpc.StatusCode.PERMISSION_DENIED,
     NodeShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    TrustedSitesUnavailable: grpc.StatusCode.UNAVAILABLE,
+    AuditError: grpc.StatusCode.UNAVAILABLE,  # nothing is done or handed out without its audit entry
 }
 
 
@@ -232,6 +244,17 @@ def start_server(node: RenderNode, listen: str, tls: TLSFiles, *, threads: int =
     server.start()
     log.info("render node %s listening on port %d (mutual TLS)", node.identity.node_id, port)
     return server, port
+
+
+def start_health(node: RenderNode, listen: str):
+    """Serve `/healthz` (the node's `health_checks`) and `/metrics` (its registry) on `listen` ("host:port").
+
+    Give the node a registry from `shared.service_health.new_registry("render-node")` so `/metrics` also carries the
+    build info and process metrics. Returns the `service_health.HealthServer` (stop it before `node.stop()`).
+    """
+    from megaportrait.shared import service_health
+
+    return service_health.start(listen, node.metrics.registry, service="render-node", checks=node.health_checks())
 
 
 def client_channel(target: str, tls: TLSFiles | None = None, *, ca_pem: bytes | None = None) -> grpc.Channel:

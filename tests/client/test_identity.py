@@ -14,7 +14,9 @@ import torch
 from megaportrait.client import identity
 from megaportrait.shared.base_models import load_base_model, unet_sha256
 from megaportrait.shared.config import IdentitySettings
+from megaportrait.shared import audit, consent
 from megaportrait.shared.errors import ModelNotFound
+from megaportrait.shared.policy import load_consent_policy
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +51,28 @@ def _photo_crops(paths: list[Path]) -> tuple[list[np.ndarray], list[str]]:
         crops.append(_face_crop(rgb))
         hashes.append(hashlib.sha256(data).hexdigest())
     return crops, hashes
+
+
+REPO = Path(__file__).resolve().parents[2]
+CONSENTING = ("p" * 64, "ab" * 32, "c" * 64, "x")
+
+
+def _ledger(tmp_path: Path) -> consent.ConsentLedger:
+    """The site's real consent ledger (shipped consent policy, its own audit log)."""
+    key = audit.generate_signing_key(tmp_path / "site.key")
+    log = audit.AuditLog(tmp_path / "audit.jsonl", key, component="site:alpha", checkpoint_every=0)
+    return consent.ConsentLedger(tmp_path / "consent.sqlite", site="alpha", key=key,
+                                 policy=load_consent_policy(REPO / "policies" / "consent.yaml"), audit=log)  # fmt: skip
+
+
+@pytest.fixture()
+def ledger(tmp_path):
+    """A ledger where the persons these tests train for gave `personal_adapter` consent."""
+    ledger = _ledger(tmp_path)
+    for ref in CONSENTING:
+        ledger.grant(ref, ["personal_adapter"], granted_by="subject", actor="operator:1")
+    yield ledger
+    ledger.close()
 
 
 @pytest.fixture(scope="module")
@@ -106,21 +130,21 @@ def test_poisson_sampling_empty_batches_release_noise_and_are_accounted(obama):
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
-def test_target_epsilon_mode_stays_within_the_target(obama):
+def test_target_epsilon_mode_stays_within_the_target(obama, ledger):
     crops, hashes = obama
     settings = IdentitySettings(**{**DP, "noise_multiplier": None}, target_epsilon=8.0, steps=6)
-    adapter = identity.train_identity_adapter(crops, settings, person_ref="p" * 64, photo_sha256=hashes,
+    adapter = identity.train_identity_adapter(crops, settings, ledger=ledger, person_ref="p" * 64, photo_sha256=hashes,
                                               progress=False, dp_noise_seed=1)
     assert adapter.privacy.epsilon is not None and adapter.privacy.epsilon <= 8.0
     assert adapter.privacy.epsilon > 7.0  # the accountant picked the smallest noise that fits, not a huge one
     assert adapter.privacy.noise_multiplier > 1.0 and adapter.privacy.steps == 6
 
 
-def test_non_dp_run_reports_no_epsilon_and_returns_a_complete_adapter(obama):
+def test_non_dp_run_reports_no_epsilon_and_returns_a_complete_adapter(obama, ledger):
     crops, hashes = obama
     settings = IdentitySettings(dp_enabled=False, steps=4)
     base = load_base_model(None)
-    adapter = identity.train_identity_adapter(crops, settings, person_ref="ab" * 32, photo_sha256=hashes,
+    adapter = identity.train_identity_adapter(crops, settings, ledger=ledger, person_ref="ab" * 32, photo_sha256=hashes,
                                               base=base, progress=False)
     assert adapter.privacy.epsilon is None and adapter.privacy.accountant == "none"
     assert adapter.photo_sha256 == tuple(hashes)
@@ -146,7 +170,7 @@ def test_lora_arrays_roundtrip_in_a_stable_order():
         identity.set_lora_arrays(b, arrays[:-1])
 
 
-def test_prior_preservation_mixes_in_class_images_from_the_base_model(obama):
+def test_prior_preservation_mixes_in_class_images_from_the_base_model(obama, ledger):
     crops, hashes = obama
     settings = IdentitySettings(dp_enabled=False, steps=2, prior_preservation=True, num_class_images=2,
                                 class_inference_steps=2, prior_loss_weight=0.5)
@@ -156,30 +180,30 @@ def test_prior_preservation_mixes_in_class_images_from_the_base_model(obama):
     ts = identity.prepare_training_set(base.components, crops, settings, images)
     assert len(ts) == 6 and ts.n_instance == 4
     assert ts.prompt_index.tolist() == [0, 0, 0, 0, 1, 1] and ts.loss_weight.tolist()[-1] == 0.5
-    adapter = identity.train_identity_adapter(crops, settings, person_ref="c" * 64, photo_sha256=hashes,
+    adapter = identity.train_identity_adapter(crops, settings, ledger=ledger, person_ref="c" * 64, photo_sha256=hashes,
                                               base=base, progress=False)
     assert adapter.privacy.steps == 2
 
 
-def test_bad_inputs_are_refused_with_a_reason(obama, tmp_path):
+def test_bad_inputs_are_refused_with_a_reason(obama, tmp_path, ledger):
     crops, hashes = obama
     settings = IdentitySettings(dp_enabled=False, steps=1)
     with pytest.raises(identity.IdentityTrainingError) as exc:
-        identity.train_identity_adapter(crops[:2], settings, person_ref="x", photo_sha256=hashes[:2])
+        identity.train_identity_adapter(crops[:2], settings, ledger=ledger, person_ref="x", photo_sha256=hashes[:2])
     assert exc.value.reason == "crop_count"
     with pytest.raises(identity.IdentityTrainingError) as exc:
-        identity.train_identity_adapter([c[:, :40] for c in crops], settings, person_ref="x", photo_sha256=hashes)
+        identity.train_identity_adapter([c[:, :40] for c in crops], settings, ledger=ledger, person_ref="x", photo_sha256=hashes)
     assert exc.value.reason == "bad_crop"
     with pytest.raises(identity.IdentityTrainingError) as exc:
-        identity.train_identity_adapter(crops, settings, person_ref="x")
+        identity.train_identity_adapter(crops, settings, ledger=ledger, person_ref="x")
     assert exc.value.reason == "missing_photo_hashes"
     missing = tmp_path / "no-such-sd15"
     with pytest.raises(ModelNotFound, match=str(missing)):
-        identity.train_identity_adapter(crops, IdentitySettings(base_model=missing), person_ref="x",
+        identity.train_identity_adapter(crops, IdentitySettings(base_model=missing), ledger=ledger, person_ref="x",
                                         photo_sha256=hashes)
     with pytest.raises(identity.IdentityTrainingError) as exc:
         identity.train_identity_adapter(
-            crops, IdentitySettings(noise_multiplier=None, target_epsilon=None, steps=1), person_ref="x",
+            crops, IdentitySettings(noise_multiplier=None, target_epsilon=None, steps=1), ledger=ledger, person_ref="x",
             photo_sha256=hashes, progress=False)
     assert exc.value.reason == "dp_config"
 
@@ -224,3 +248,60 @@ def test_expanded_weights_and_hooks_give_the_same_per_sample_gradients(obama):
     assert grads["ew"][0].shape[0] == 3
     for a, b in zip(grads["hooks"], grads["ew"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+# --- the consent gate ----------------------------------------------------------------------------------------
+
+
+def _refused_checks(ledger) -> list[str]:
+    return [e.detail["reason"] for e in audit.read_entries(ledger.audit.path) if e.action == "consent.check" and e.outcome == "refused"]
+
+
+def test_training_is_refused_without_personal_adapter_consent(obama, tmp_path):
+    crops, hashes = obama
+    ledger = _ledger(tmp_path)
+    ledger.grant("p-1", ["render"], granted_by="subject", actor="operator:1")  # another purpose does not count
+    missing = tmp_path / "no-such-sd15"  # the check runs before the base model is even looked for
+    with pytest.raises(consent.ConsentMissing) as err:
+        identity.train_identity_adapter(crops, IdentitySettings(base_model=missing), ledger=ledger, person_ref="p-1",
+                                        photo_sha256=hashes)
+    assert (err.value.person, err.value.purpose) == ("p-1", "personal_adapter")
+    assert _refused_checks(ledger) == ["consent_missing"]
+
+
+def test_training_is_refused_after_expiry_and_after_revocation(obama, tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    crops, hashes = obama
+    ledger = _ledger(tmp_path)
+    long_ago = datetime.now(timezone.utc) - timedelta(days=400)  # personal_adapter: max 1y
+    ledger.grant("p-old", ["personal_adapter"], granted_by="subject", actor="operator:1", at=long_ago)
+    ledger.grant("p-rev", ["personal_adapter"], granted_by="subject", actor="operator:1")
+    ledger.revoke("p-rev", by="subject")
+    missing = tmp_path / "no-such-sd15"
+    with pytest.raises(consent.ConsentExpired):
+        identity.train_identity_adapter(crops, IdentitySettings(base_model=missing), ledger=ledger, person_ref="p-old", photo_sha256=hashes)
+    with pytest.raises(consent.ConsentRevoked):
+        identity.train_identity_adapter(crops, IdentitySettings(base_model=missing), ledger=ledger, person_ref="p-rev", photo_sha256=hashes)
+    assert _refused_checks(ledger) == ["consent_expired", "consent_revoked"]
+
+
+def test_consent_revoked_during_training_discards_the_adapter(obama, tmp_path):
+    crops, hashes = obama
+    ledger = _ledger(tmp_path)
+    ledger.grant("p-1", ["personal_adapter"], granted_by="subject", actor="operator:1")
+    checks = []
+    real_require = ledger.require
+
+    def require(person_ref, purpose, at=None, *, actor="system"):
+        receipt = real_require(person_ref, purpose, at, actor=actor)
+        checks.append(purpose)
+        if len(checks) == 1:  # the person withdraws consent while their adapter trains
+            ledger.revoke(person_ref, by="subject")
+        return receipt
+
+    ledger.require = require  # the ledger itself is real; only the moment of revocation is staged
+    with pytest.raises(consent.ConsentRevoked):
+        identity.train_identity_adapter(crops, IdentitySettings(dp_enabled=False, steps=1), ledger=ledger, person_ref="p-1",
+                                        photo_sha256=hashes, progress=False)
+    assert checks == ["personal_adapter"] and _refused_checks(ledger) == ["consent_revoked"]

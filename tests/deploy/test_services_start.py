@@ -133,7 +133,6 @@ def test_render_node_starts_from_its_systemd_unit(render_node_from_unit):
     assert box.stop(svc) == 0, svc.output()  # SIGTERM (systemctl stop) ends it cleanly
 
 
-@pytest.mark.xfail(strict=True, reason="hook not wired yet: `render-node serve` does not start shared.service_health")
 def test_render_node_serves_health_and_metrics_where_its_config_says(defs, tmp_path):
     box = defs.Sandbox(tmp_path)
     try:
@@ -266,7 +265,6 @@ def test_audit_review_page_starts_from_its_unit_and_shows_verified_logs(defs, tm
         box.close()
 
 
-@pytest.mark.xfail(strict=True, reason="hook not wired yet: the review app has no unauthenticated /healthz")
 def test_audit_review_healthcheck_of_the_compose_service_passes(defs, tmp_path):
     from megaportrait.server.audit_review import hash_password
 

@@ -111,3 +111,26 @@ def test_page_shows_a_tampered_log(client):
     path.write_text("\n".join(lines) + "\n")
     page = client.get("/", auth=AUTH).text
     assert 'data-log-ok="0"' in page and "line 2 (seq 1): edited" in page
+
+
+def test_healthz_and_metrics_need_no_login_and_show_no_entry(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {
+        "service": "audit-review", "status": "ok",
+        "checks": [{"name": "log:site-alpha.jsonl", "ok": True, "detail": ""}, {"name": "log:render-node-n1.jsonl", "ok": True, "detail": ""}],
+    }  # fmt: skip
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert 'megaportrait_build_info{service="audit-review"' in text
+    assert f'megaportrait_audit_log_size_bytes{{log="site-alpha.jsonl"}} {float(client.logs[0].path.stat().st_size)}' in text
+    assert "megaportrait_audit_log_verified{" not in text  # a scrape never verifies; nothing was verified yet
+    assert "p-obama" not in text and "consent.grant" not in text and "p-obama" not in r.text
+    client.get("/", auth=AUTH)  # the page verifies both logs
+    assert 'megaportrait_audit_log_verified{log="render-node-n1.jsonl"} 1.0' in client.get("/metrics").text
+    # a log that went missing makes the service unhealthy, and says which
+    client.logs[1].path.rename(client.logs[1].path.with_suffix(".moved"))
+    r = client.get("/healthz")
+    assert r.status_code == 503 and r.json()["status"] == "failing"
+    assert [c["name"] for c in r.json()["checks"] if not c["ok"]] == ["log:render-node-n1.jsonl"]
+    assert 'megaportrait_health_check_ok{check="log:render-node-n1.jsonl"} 0.0' in client.get("/metrics").text

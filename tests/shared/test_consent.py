@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
 from megaportrait.shared import audit, consent
@@ -167,9 +168,27 @@ def _statement(key, person_ref: str, jobs: list[dict], at: datetime | None = Non
     return SimpleNamespace(statement=body, signature=sign(key, consent.RENDER_DELETION_DOMAIN, body))
 
 
-def test_deletion_domain_matches_the_render_node():
+def test_site_and_render_node_share_one_deletion_format():
+    """One domain and one confirmation class (shared.deletion), used by the node to sign and the site to check."""
+    from megaportrait.shared import deletion
+
     node_mod = pytest.importorskip("megaportrait.server.render.node", reason="render node not present")
-    assert consent.RENDER_DELETION_DOMAIN == node_mod.DELETION_DOMAIN
+    assert consent.RENDER_DELETION_DOMAIN == node_mod.DELETION_DOMAIN == deletion.DELETION_DOMAIN
+    assert consent.DeletionConfirmation is node_mod.DeletionConfirmation is deletion.DeletionConfirmation
+    # what the node signs, the site verifies; the gRPC message and the stored form read back the same
+    key = Ed25519PrivateKey.generate()
+    job = {"job_id": "j1", "payload_sha256": "ab" * 32, "result_sha256": "cd" * 32, "data_key_destroyed": True}
+    signed = deletion.sign_deletion(key, node_id="n1", reason="consent revoked", person_ref="p1", jobs=[job])
+    seen = consent.verify_deletion_confirmation(signed, key.public_key(), person_ref="p1", not_before=datetime.now(timezone.utc))
+    assert seen == signed and seen.job_ids == ("j1",) and seen.deleted == ("ab" * 32, "cd" * 32)
+    from megaportrait.protos import render_pb2 as pb
+
+    msg = pb.DeletionConfirmation(statement=signed.statement, signature=signed.signature)
+    assert consent.verify_deletion_confirmation(msg, key.public_key(), person_ref="p1", not_before=seen.at) == signed
+    stored = json.dumps(signed.to_json())
+    assert deletion.DeletionConfirmation.from_raw(stored, key.public_key()) == signed
+    with pytest.raises(deletion.DeletionSignatureInvalid):
+        deletion.verify_deletion(signed, Ed25519PrivateKey.generate().public_key())
 
 
 def _png(pixels: np.ndarray) -> bytes:

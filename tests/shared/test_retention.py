@@ -117,60 +117,51 @@ def test_sweeper_runs_at_start_up_and_on_its_interval(tmp_path, log):
     assert outputs.is_gone(old)
 
 
-class RenderJobRetention:
-    """The render node's job store seen by the sweeper: a job (payload + output, one data key) is one item.
+class _BrokenStore:
+    """A store that cannot even be listed (its database is gone): a whole sweep fails."""
 
-    Built only on the job store's public API; this is the adapter the render node registers for `render_payloads`
-    (a job's payload and output share one key, so the shorter `keep` of the two applies to the whole job).
-    """
-
-    def __init__(self, store) -> None:
-        self.store = store
+    def __init__(self) -> None:
+        self.calls = 0
 
     def list(self, kind):
-        if kind != "render_payloads":
-            return []
-        from megaportrait.server.render.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
-
-        rows = [self.store.get(j) for j in self.store.ids_in_state(QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)]
-        return [RetainedItem(kind, r.job_id, datetime.fromisoformat(r.created_at), r.payload_sha256, r.person_ref) for r in rows]
+        self.calls += 1
+        raise OSError("database disk image is malformed")
 
     def delete(self, item):
-        self.store.delete([item.item_id], reason="retention")
+        raise AssertionError("nothing was listed")
 
     def is_gone(self, item):
-        from megaportrait.server.render.jobs import JobNotFound
-
-        try:
-            self.store.load_inputs(item.item_id)
-        except JobNotFound:
-            return self.store.find(item.item_id) is None
-        return False
+        raise AssertionError("nothing was listed")
 
 
-def test_sweep_on_the_render_nodes_job_store(tmp_path, log, policy, templates):
-    node_mod = pytest.importorskip("megaportrait.server.render.node", reason="render node not present")
-    import os
+def test_periodic_sweeper_survives_a_failed_sweep_and_says_so(tmp_path, log):
+    text = (REPO / "policies" / "retention.yaml").read_text().replace("interval: 1h", "interval: 1s")
+    (tmp_path / "retention.yaml").write_text(text)
+    policy = load_retention_policy(tmp_path / "retention.yaml")
+    broken = _BrokenStore()
+    sweeper = RetentionSweeper(policy, {"outputs": broken}, log)
+    stop = threading.Event()
+    thread = sweeper.run_every(stop)
+    deadline = time.monotonic() + 10
+    while broken.calls < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(5)
+    assert broken.calls >= 2  # the loop went on after the first failure
+    assert sweeper.last_error == "OSError: database disk image is malformed" and sweeper.last_report is None
+    failed = [e for e in audit.read_entries(log.path) if e.action == "retention.sweep"]
+    assert failed and all(e.outcome == "failed" and e.detail == {"error": sweeper.last_error} for e in failed)
 
-    from megaportrait.server.render.jobs import JobNotFound, NewJob
-    from megaportrait.server.render.payloads import TrustedSites
-    from megaportrait.shared.records import StageSwitches
 
-    node = node_mod.RenderNode(tmp_path / "node", identity=node_mod.NodeIdentity.generate("n1"), trusted=TrustedSites())
-    store = node.store
-    for job_id in ("j-1", "j-2"):
-        new = NewJob(job_id=job_id, backend="classic", payload_kind="face_crops", person_ref="person-x", consent_ref="r" * 32,
-                     site_id="alpha", owner="site:alpha", nonce=os.urandom(16).hex(), payload_expires_at=2_000_000_000,
-                     stages=StageSwitches(), seed=0, params={})  # fmt: skip
-        store.create(new, os.urandom(256), templates[0].read_bytes())
-    sweeper = RetentionSweeper(policy, {"render_payloads": RenderJobRetention(store)}, log, actor="retention:render-node")
-    now = datetime.now(timezone.utc)
-    early = sweeper.sweep(now + timedelta(hours=23))  # render_payloads keep 1d
-    assert early.ok and early.deleted_count == 0 and early.kept == 2
-    late = sweeper.sweep(now + timedelta(hours=25))
-    assert late.ok and late.deleted_count == 2
-    for job_id in ("j-1", "j-2"):
-        assert store.find(job_id) is None and store.tombstone(job_id)["reason"] == "retention"
-        with pytest.raises(JobNotFound):
-            store.load_inputs(job_id)
-    node.stop()
+def test_sweeper_clock_decides_what_is_old(tmp_path, log, policy):
+    outputs = FileStore(tmp_path / "outputs", "outputs")  # keep 7d
+    item = outputs.put("person-x", "p.png", b"png", created_at=NOW - timedelta(days=1))
+    now = {"t": NOW}
+    seen = []
+    sweeper = RetentionSweeper(policy, {"outputs": outputs}, log, clock=lambda: now["t"], on_report=seen.append)
+    assert sweeper.sweep().deleted_count == 0 and not outputs.is_gone(item)
+    now["t"] = NOW + timedelta(days=6)
+    report = sweeper.sweep()
+    assert report.deleted == {"outputs": [item.digest]} and outputs.is_gone(item)
+    assert len(seen) == 2 and seen[-1] is report and sweeper.last_report is report
+    assert report.at == NOW + timedelta(days=6)

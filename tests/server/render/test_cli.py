@@ -1,12 +1,16 @@
 """`megaportrait render-node keygen | trust-site | serve`: keys on disk, and a served node reachable over mTLS."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -18,6 +22,15 @@ from megaportrait.server.render.service import TLSFiles, client_channel, stub
 from megaportrait.shared import pki
 from megaportrait.shared.cli import app
 from megaportrait.shared.crypto import NodePublicKeys, ed25519_public_pem
+
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_keygen_and_trust_site(tmp_path):
@@ -42,13 +55,17 @@ def test_keygen_and_trust_site(tmp_path):
     assert list(trusted.keys) == ["site-a"] and len(trusted.keys["site-a"]) == 1
 
 
-def test_serve_answers_over_mtls_and_stops_on_sigterm(tmp_path):
+def test_serve_answers_over_mtls_serves_health_and_stops_on_sigterm(tmp_path):
     state, tls_dir = tmp_path / "state", tmp_path / "pki"
     assert CliRunner().invoke(app, ["render-node", "keygen", "--state-dir", str(state)]).exit_code == 0
     pki.init_pki(tls_dir, servers={"render-node": ("localhost", "127.0.0.1")}, clients=("site-a",))
+    health_port = _free_port()
+    config = tmp_path / "render-node.yaml"
+    config.write_text(f"policy:\n  consent_file: {REPO / 'policies' / 'consent.yaml'}\n  retention_file: {REPO / 'policies' / 'retention.yaml'}\n"
+                      f"health:\n  listen: 127.0.0.1:{health_port}\n")  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-c", "from megaportrait.shared.cli import app; app()", "render-node", "serve", "--state-dir", str(state),
-         "--listen", "127.0.0.1:0", "--tls-dir", str(tls_dir)],
+         "--listen", "127.0.0.1:0", "--tls-dir", str(tls_dir), "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
     )
     try:
@@ -75,9 +92,19 @@ def test_serve_answers_over_mtls_and_stops_on_sigterm(tmp_path):
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE
         plain.close()
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=10).read())
+        assert health["status"] == "ok" and {c["name"] for c in health["checks"]} >= {"job_store", "audit_log", "retention"}
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=10).read().decode()
+        assert 'megaportrait_build_info{service="render-node"' in metrics and "megaportrait_render_queue_depth 0.0" in metrics
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert "stopped" in proc.stdout.read()
+        # the node kept its own signed log in its state dir, and `megaportrait audit verify` accepts it
+        log = state / "audit" / "audit.jsonl"
+        result = CliRunner().invoke(app, ["audit", "verify", str(log), "--public-key", str(state / "audit" / "signing.key.pub")])
+        assert result.exit_code == 0, result.output
+        actions = [json.loads(line)["action"] for line in log.read_text().splitlines()]
+        assert actions == ["node.start", "retention.sweep", "node.stop"]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -126,3 +126,47 @@ def test_data_keys_are_wrapped_by_the_store_key(tmp_path, template):
     with pytest.raises(DecryptionFailed):
         other.load_inputs("job-1")
     other.close()
+
+
+def test_shred_inputs_keeps_the_result_under_a_fresh_key(store, template, tmp_path):
+    store.create(_job(), b"sealed-payload-bytes", template)
+    with pytest.raises(JobNotReady, match="still needed"):
+        store.shred_inputs("job-1")  # queued: its inputs are needed (the sweeper deletes such a job whole)
+    store.mark_running("job-1")
+    store.finish("job-1", b"\x89PNG result", {"k": 1})
+    db = sqlite3.connect(tmp_path / "jobs.sqlite")
+    old_wrapped = db.execute("SELECT key FROM data_keys WHERE job_id = 'job-1'").fetchone()[0]
+    old_key = decrypt_at_rest(STORE_KEY, old_wrapped, b"megaportrait/render-data-key/v1\0job-1")
+    old_payload = db.execute("SELECT data FROM blobs WHERE job_id = 'job-1' AND name = 'sealed_payload'").fetchone()[0]
+    assert store.shred_inputs("job-1") and not store.shred_inputs("job-1")  # the second time there is nothing left
+    with pytest.raises(JobNotFound, match="sealed_payload"):
+        store.load_inputs("job-1")
+    assert store.load_result("job-1") == (b"\x89PNG result", {"k": 1}) and store.holds_data("job-1")
+    names = {r[0] for r in db.execute("SELECT name FROM blobs WHERE job_id = 'job-1'")}
+    new_wrapped = db.execute("SELECT key FROM data_keys WHERE job_id = 'job-1'").fetchone()[0]
+    assert names == {"result_png", "result_metadata"} and new_wrapped != old_wrapped
+    new_key = decrypt_at_rest(STORE_KEY, new_wrapped, b"megaportrait/render-data-key/v1\0job-1")
+    aad = b"megaportrait/render-job-blob/v1\0job-1\0sealed_payload"
+    assert decrypt_at_rest(old_key, old_payload, aad) == b"sealed-payload-bytes"  # the old key opened it ...
+    with pytest.raises(DecryptionFailed):
+        decrypt_at_rest(new_key, old_payload, aad)  # ... and only the old key did, which is gone
+    db.close()
+    assert old_wrapped not in (tmp_path / "jobs.sqlite").read_bytes()  # secure_delete overwrote it
+    with pytest.raises(JobNotFound):
+        store.shred_inputs("job-nope")
+
+
+def test_check_new_refuses_what_create_would_and_person_deletions(store, template):
+    store.check_new("job-1", "a" * 32, "ab" * 32)  # nothing stored yet: fine
+    store.create(_job(), b"sealed-1", template)
+    with pytest.raises(PayloadReplayed, match="job-1"):
+        store.check_new("job-2", "a" * 32, "ab" * 32)
+    with pytest.raises(JobConflict, match="different payload"):
+        store.check_new("job-1", "b" * 32, "ab" * 32)
+    store.delete(["job-1"], "test")
+    with pytest.raises(JobConflict, match="deleted job"):
+        store.check_new("job-1", "c" * 32, "cd" * 32)
+    assert store.person_deleted_at("person-1") is None
+    store.record_person_deletion("person-1", 1_900_000_000)
+    store.record_person_deletion("person-1", 1_800_000_000)  # an older time never moves it back
+    assert store.person_deleted_at("person-1") == 1_900_000_000 and store.person_deleted_at("person-2") is None

@@ -1,14 +1,22 @@
-"""Sealing at the site and opening on the node, without transport: every refusal and its precise reason."""
+"""Sealing at the site and opening on the node, without transport: every refusal and its precise reason.
+
+The site's entry points (`seal_face_crops`, `seal_adapter`) are checked against a real ConsentLedger; the node-side
+refusal tests seal with the low-level `*_unchecked` forms so that they reach the node's own checks.
+"""
 from __future__ import annotations
 
 import io
 import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from megaportrait.client.payload import seal_face_crops, seal_payload
+from megaportrait.client.payload import seal_face_crops, seal_face_crops_unchecked, seal_payload
+from megaportrait.shared import audit, consent
+from megaportrait.shared.policy import load_consent_policy
 from megaportrait.server.render.payloads import Expectation, TrustedSites, open_identity, verify_envelope
 from megaportrait.shared.crypto import HpkePrivateKey
 from megaportrait.shared.payload_format import (
@@ -50,7 +58,21 @@ def _seal(crops, keys, **overrides):
     kw = dict(job_id="job-1", consent_ref="consent-9", consent_scope=CLASSIC_CROP_PURPOSE, recipient=node.public_key(),
               site_id="site-a", site_key=site, backend="classic")
     kw.update(overrides)
-    return seal_face_crops(crops, **kw)
+    return seal_face_crops_unchecked(crops, **kw)
+
+
+@pytest.fixture()
+def ledger(tmp_path):
+    """The site's real consent ledger (SQLite, shipped consent policy, its own audit log)."""
+    key = audit.generate_signing_key(tmp_path / "site.key")
+    log = audit.AuditLog(tmp_path / "site-audit.jsonl", key, component="site:site-a", checkpoint_every=0)
+    ledger = consent.ConsentLedger(tmp_path / "consent.sqlite", site="site-a", key=key,
+                                   policy=load_consent_policy(REPO / "policies" / "consent.yaml"), audit=log)  # fmt: skip
+    yield ledger
+    ledger.close()
+
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _verify(sealed, keys, *, now=None, expect=None):
@@ -201,7 +223,7 @@ def test_header_carries_no_personal_data(crops, keys):
     assert b"obama" not in header.lower() and b".jpg" not in header
 
 
-def test_adapter_round_trip_for_the_diffusion_backend(keys):
+def test_adapter_round_trip_for_the_diffusion_backend(keys, ledger):
     """A LoRA adapter (the diffusion backend's payload) is sealed via shared.adapters and opened intact."""
     torch = pytest.importorskip("torch")
     from datetime import datetime, timezone
@@ -220,12 +242,85 @@ def test_adapter_round_trip_for_the_diffusion_backend(keys):
         photo_sha256=("a" * 64,), created_at=datetime(2026, 11, 25, tzinfo=timezone.utc),
     )
     node, site, _ = keys
-    sealed = seal_adapter(adapter, job_id="job-1", consent_ref="consent-9", consent_scope="render", recipient=node.public_key(),
-                          site_id="site-a", site_key=site)
-    env = _verify(sealed, keys, expect=Expectation(job_id="job-1", consent_ref="consent-9", backend="diffusion", payload_kind=KIND_LORA_ADAPTER))
+    receipt = ledger.grant("person-7f3a", ["render"], granted_by="subject", actor="operator:1")
+    sealed = seal_adapter(adapter, ledger=ledger, job_id="job-1", recipient=node.public_key(), site_id="site-a", site_key=site)
+    assert Envelope.parse(sealed).header.consent_scope == "render"
+    env = _verify(sealed, keys, expect=Expectation(job_id="job-1", consent_ref=receipt.receipt_id, backend="diffusion", payload_kind=KIND_LORA_ADAPTER))
     opened = open_identity(env, node)
     assert isinstance(opened, IdentityAdapter) and opened.privacy == adapter.privacy and opened.base_model == adapter.base_model
     for name, tensor in adapter.lora_state.items():
         assert torch.equal(opened.lora_state[name], tensor)
     with pytest.raises(PayloadBindingMismatch, match="face_crops"):
-        _verify(sealed, keys, expect=Expectation(job_id="job-1", consent_ref="consent-9", backend="diffusion", payload_kind=KIND_FACE_CROPS))
+        _verify(sealed, keys, expect=Expectation(job_id="job-1", consent_ref=receipt.receipt_id, backend="diffusion", payload_kind=KIND_FACE_CROPS))
+    # the node takes adapters only under the render purpose, whatever a site that skipped its check put in the header
+    from megaportrait.client.payload import seal_adapter_unchecked
+
+    other = seal_adapter_unchecked(adapter, job_id="job-1", consent_ref="consent-9", consent_scope="personal_adapter",
+                                   recipient=node.public_key(), site_id="site-a", site_key=site)
+    with pytest.raises(ConsentScopeRefused, match="only under 'render'"):
+        _verify(other, keys, expect=Expectation(job_id="job-1", consent_ref="consent-9", backend="diffusion", payload_kind=KIND_LORA_ADAPTER))
+
+
+# ------------------------------------------------------------------------------------------- the site's consent gate
+
+
+def _seal_checked(crops, keys, ledger, **kw):
+    node, site, _ = keys
+    args = dict(ledger=ledger, job_id="job-1", recipient=node.public_key(), site_id="site-a", site_key=site)
+    args.update(kw)
+    return seal_face_crops(crops, **args)
+
+
+def _refusals(ledger) -> list[tuple[str, str]]:
+    return [(e.detail["purpose"], e.detail["reason"]) for e in audit.read_entries(ledger.audit.path)
+            if e.action == "consent.check" and e.outcome == "refused"]  # fmt: skip
+
+
+def test_site_seals_crops_only_with_consent_and_binds_the_receipt(crops, keys, ledger):
+    with pytest.raises(consent.ConsentMissing):
+        _seal_checked(crops, keys, ledger)
+    # render alone does not let the crops themselves leave the site
+    ledger.grant("person-7f3a", ["render"], granted_by="subject", actor="operator:1")
+    with pytest.raises(consent.ConsentMissing) as err:
+        _seal_checked(crops, keys, ledger)
+    assert err.value.purpose == CLASSIC_CROP_PURPOSE
+    receipt = ledger.grant("person-7f3a", [CLASSIC_CROP_PURPOSE, "render"], granted_by="subject", actor="operator:1")
+    sealed = _seal_checked(crops, keys, ledger)
+    header = Envelope.parse(sealed).header
+    assert (header.consent_ref, header.consent_scope) == (receipt.receipt_id, CLASSIC_CROP_PURPOSE)
+    env = _verify(sealed, keys, expect=Expectation(job_id="job-1", consent_ref=receipt.receipt_id, backend="classic", payload_kind=KIND_FACE_CROPS))
+    assert isinstance(open_identity(env, keys[0]), FaceCropSet)
+    assert _refusals(ledger) == [(CLASSIC_CROP_PURPOSE, "consent_missing")] * 2
+    ok = [e for e in audit.read_entries(ledger.audit.path) if e.action == "consent.check" and e.outcome == "ok"]
+    assert ok[-1].data == (receipt.receipt_id,) and ok[-1].person == "person-7f3a"
+
+
+def test_site_refuses_to_seal_after_expiry(crops, keys, ledger):
+    granted = datetime.now(timezone.utc) - timedelta(days=2)
+    ledger.grant("person-7f3a", [CLASSIC_CROP_PURPOSE, "render"], granted_by="subject", actor="operator:1", at=granted,
+                 expires_at=granted + timedelta(days=1))  # fmt: skip
+    with pytest.raises(consent.ConsentExpired):
+        _seal_checked(crops, keys, ledger)
+    # a sealing time inside the receipt's window does not help: consent is checked at the real time (or later)
+    with pytest.raises(consent.ConsentExpired):
+        _seal_checked(crops, keys, ledger, now=(granted + timedelta(hours=12)).timestamp())
+    assert _refusals(ledger) == [(CLASSIC_CROP_PURPOSE, "consent_expired")] * 2
+
+
+def test_payload_never_outlives_its_consent(crops, keys, ledger):
+    now = datetime.now(timezone.utc)
+    receipt = ledger.grant("person-7f3a", [CLASSIC_CROP_PURPOSE, "render"], granted_by="subject", actor="operator:1", at=now,
+                           expires_at=now + timedelta(seconds=600))  # fmt: skip
+    header = Envelope.parse(_seal_checked(crops, keys, ledger, ttl_s=3600, now=now.timestamp())).header
+    assert header.expires_at == int(receipt.expires_at.timestamp()) and header.expires_at - header.issued_at <= 600
+
+
+def test_site_refuses_to_seal_after_revocation(crops, keys, ledger):
+    ledger.grant("person-7f3a", [CLASSIC_CROP_PURPOSE, "render"], granted_by="subject", actor="operator:1")
+    assert _seal_checked(crops, keys, ledger)
+    ledger.revoke("person-7f3a", by="subject")
+    with pytest.raises(consent.ConsentRevoked):
+        _seal_checked(crops, keys, ledger, job_id="job-2")
+    with pytest.raises(consent.ConsentRevoked):  # not even by claiming a sealing time before the revocation
+        _seal_checked(crops, keys, ledger, job_id="job-2", now=time.time() - 3600)
+    assert _refusals(ledger) == [(CLASSIC_CROP_PURPOSE, "consent_revoked")] * 2

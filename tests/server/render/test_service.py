@@ -1,7 +1,8 @@
 """The render node as a real gRPC server on loopback with mutual TLS: sealed payload in, portrait out, every refusal.
 
-The end-to-end test renders with the real classic backend. Plumbing tests (restart, cancel, crypto-shredding) use
-two test doubles registered only in this module (`TestDoublePaste`, `TestDoubleBlocking`) so they control timing.
+The end-to-end test checks consent in a real site ledger and renders with the real classic backend. Plumbing tests
+(restart, cancel, crypto-shredding, audit, health) use test doubles registered only in this module
+(`TestDoublePaste`, `TestDoubleBlocking`, `TestDoubleFailing`) so they control timing and outcome.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from PIL import Image
 
-from megaportrait.client.payload import seal_face_crops
+from megaportrait.client.payload import seal_face_crops, seal_face_crops_unchecked
 from megaportrait.protos import render_pb2 as pb
 from megaportrait.server.render.backends import default_registry
 from megaportrait.server.render.node import DeletionConfirmation, NodeIdentity, RenderNode, verify_deletion
@@ -102,6 +104,23 @@ def site_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
+@pytest.fixture()
+def ledger(tmp_path):
+    """Site site-a's consent ledger (shipped consent policy, its own audit log)."""
+    from megaportrait.shared import audit, consent
+    from megaportrait.shared.policy import load_consent_policy
+
+    key = audit.generate_signing_key(tmp_path / "site" / "site.key")
+    log = audit.AuditLog(tmp_path / "site" / "audit.jsonl", key, component="site:site-a", checkpoint_every=0)
+    ledger = consent.ConsentLedger(tmp_path / "site" / "consent.sqlite", site="site-a", key=key,
+                                   policy=load_consent_policy(REPO / "policies" / "consent.yaml"), audit=log)  # fmt: skip
+    yield ledger
+    ledger.close()
+
+
+REPO = Path(__file__).resolve().parents[3]
+
+
 @dataclass
 class Running:
     node: RenderNode
@@ -155,7 +174,7 @@ def _seal(crops, node: RenderNode, signer, *, job_id="job-1", backend="test-doub
     args = dict(job_id=job_id, consent_ref="consent-9", consent_scope=CLASSIC_CROP_PURPOSE, recipient=node.identity.public().hpke,
                 site_id="site-a", site_key=signer, backend=backend)
     args.update(kw)
-    return seal_face_crops(crops, **args)
+    return seal_face_crops_unchecked(crops, **args)  # the node's checks are under test here; the site's are in test_payloads
 
 
 def _submit(client, sealed, template, *, job_id="job-1", backend="test-double-paste", consent_ref="consent-9", **kw):
@@ -194,17 +213,17 @@ def _confirmation(msg: pb.DeletionConfirmation) -> DeletionConfirmation:
 # ---------------------------------------------------------------------------------------------- tests
 
 
-def test_classic_portrait_end_to_end_over_mtls(launch, tls, crops, site_key, template_bytes):
-    """Site seals real face crops; the node renders with the classic backend; the site fetches and deletes."""
+def test_classic_portrait_end_to_end_over_mtls(launch, tls, crops, site_key, template_bytes, ledger):
+    """Site checks consent and seals real face crops; the node renders with the classic backend; the site fetches and deletes."""
     run = launch()
     client = run.client(tls["site-a"])
     info = client.GetNodeInfo(pb.NodeInfoRequest(), timeout=TIMEOUT)
     assert info.api_version == "megaportrait.render.v1" and "classic" in info.backends
     recipient = HpkePublicKey.from_bytes(info.hpke_public_key)
     assert recipient.fingerprint() == info.hpke_fingerprint
-    sealed = seal_face_crops(crops, job_id="job-e2e", consent_ref="consent-9", consent_scope=CLASSIC_CROP_PURPOSE,
-                             recipient=recipient, site_id="site-a", site_key=site_key)
-    status = _submit(client, sealed, template_bytes, job_id="job-e2e", backend="")  # node default: classic
+    receipt = ledger.grant(crops.person_ref, [CLASSIC_CROP_PURPOSE, "render"], granted_by="subject", actor="operator:1")
+    sealed = seal_face_crops(crops, ledger=ledger, job_id="job-e2e", recipient=recipient, site_id="site-a", site_key=site_key)
+    status = _submit(client, sealed, template_bytes, job_id="job-e2e", backend="", consent_ref=receipt.receipt_id)  # node default: classic
     assert status.state == pb.JOB_STATE_QUEUED and status.backend == "classic" and not status.existing
 
     updates = _follow(client, "job-e2e")
@@ -446,3 +465,217 @@ def test_delete_person_removes_only_that_persons_jobs(launch, tls, crops, site_k
     assert statement["person_ref"] == "person-7f3a" and sorted(j["job_id"] for j in statement["jobs"]) == ["job-1", "job-2"]
     _refused(lambda: client.GetJob(pb.JobRef(job_id="job-2"), timeout=TIMEOUT), grpc.StatusCode.NOT_FOUND, "job_deleted")
     assert client.GetJob(pb.JobRef(job_id="job-3"), timeout=TIMEOUT).state == pb.JOB_STATE_SUCCEEDED
+
+
+# ---------------------------------------------------------------------------------------------- audit, trust, revocation
+
+
+def _audit_rows(node: RenderNode) -> list[tuple[str, str, str]]:
+    """(action, outcome, reason) of every entry in the node's audit log so far."""
+    from megaportrait.shared import audit
+
+    return [(e.action, e.outcome, e.detail.get("reason", "")) for e in audit.read_entries(node.audit.path)]
+
+
+def test_the_node_audits_every_step_by_hash_and_its_log_verifies(launch, tls, crops, site_key, template_bytes, tmp_path):
+    from megaportrait.client.payload import seal_payload
+    from megaportrait.shared import audit
+    from megaportrait.shared.cli import app
+    from megaportrait.shared.payload_format import KIND_FACE_CROPS, face_crops_to_bytes
+    from typer.testing import CliRunner
+
+    release = threading.Event()
+    run = launch(release)
+    client = run.client(tls["site-a"])
+    good = _seal(crops, run.node, site_key)
+    flipped = bytearray(good)
+    flipped[-200] ^= 0x01
+    refusals = {
+        "ciphertext_modified": bytes(flipped),
+        "wrong_recipient_key": _seal(crops, run.node, site_key, recipient=HpkePrivateKey.generate().public_key()),
+        "payload_expired": _seal(crops, run.node, site_key, ttl_s=30, now=time.time() - 60),
+        "unknown_site_key": _seal(crops, run.node, site_key, site_key=Ed25519PrivateKey.generate()),
+        "consent_scope_refused": seal_payload(face_crops_to_bytes(crops), kind=KIND_FACE_CROPS, person_ref=crops.person_ref, job_id="job-1",
+                                              consent_ref="consent-9", consent_scope="render", recipient=run.node.identity.public().hpke,
+                                              site_id="site-a", site_key=site_key, backend="test-double-paste"),
+    }  # fmt: skip
+    for sealed in refusals.values():
+        with pytest.raises(grpc.RpcError):
+            _submit(client, sealed, template_bytes)
+    _submit(client, good, template_bytes)
+    assert _follow(client)[-1].state == pb.JOB_STATE_SUCCEEDED
+    png = client.FetchResult(pb.JobRef(job_id="job-1"), timeout=TIMEOUT).png
+    client.DeleteJobs(pb.DeleteJobsRequest(job_ids=["job-1"]), timeout=TIMEOUT)
+    _refused(lambda: _submit(client, good, template_bytes), grpc.StatusCode.ALREADY_EXISTS, "payload_replayed")
+    _submit(client, _seal(crops, run.node, site_key, job_id="job-2", backend="test-double-blocking"), template_bytes,
+            job_id="job-2", backend="test-double-blocking")  # fmt: skip
+    deadline = time.time() + TIMEOUT
+    while client.GetJob(pb.JobRef(job_id="job-2"), timeout=TIMEOUT).stage != "identity":  # opened (and audited), rendering
+        assert time.time() < deadline, "job-2 never reported progress"
+        time.sleep(0.01)
+    client.CancelJob(pb.JobRef(job_id="job-2"), timeout=TIMEOUT)
+    assert _follow(client, "job-2")[-1].state == pb.JOB_STATE_CANCELLED
+    _refused(lambda: run.client(tls["site-b"]).FetchResult(pb.JobRef(job_id="job-2"), timeout=TIMEOUT), grpc.StatusCode.PERMISSION_DENIED, "not_job_owner")
+    client.DeletePerson(pb.DeletePersonRequest(person_ref=crops.person_ref), timeout=TIMEOUT)
+    node = run.node
+    run.stop()
+
+    rows = _audit_rows(node)
+    refused = [r for a, o, r in rows if a == "job.submit" and o == "refused"]
+    assert refused == [*refusals, "payload_replayed"]
+    assert [(a, o) for a, o, _ in rows if a != "job.submit" or o != "refused"] == [
+        ("node.start", "ok"), ("retention.sweep", "ok"),
+        ("payload.decrypt", "ok"), ("job.submit", "ok"),  # job-1 accepted (opened once at submission)
+        ("payload.decrypt", "ok"), ("job.render", "ok"), ("job.fetch", "ok"), ("job.delete", "ok"),
+        ("payload.decrypt", "ok"), ("job.submit", "ok"), ("payload.decrypt", "ok"),  # job-2
+        ("job.cancel", "ok"), ("job.render", "failed"), ("job.fetch", "refused"), ("person.delete", "ok"), ("node.stop", "ok"),
+    ]  # fmt: skip
+    entries = list(audit.read_entries(node.audit.path))
+    assert {e.component for e in entries} == {"render-node:node-test"}
+    by_action = {(e.action, e.outcome): e for e in entries}
+    assert by_action[("job.submit", "ok")].actor == "client:site-a" and by_action[("job.render", "ok")].actor == "render-worker"
+    assert by_action[("job.fetch", "ok")].data == (sha256_hex(png),) and by_action[("job.fetch", "refused")].actor == "client:site-b"
+    assert by_action[("job.delete", "ok")].data == (sha256_hex(good), sha256_hex(png))
+    assert by_action[("job.submit", "ok")].detail["consent_ref"] == "consent-9"
+    assert by_action[("person.delete", "ok")].person == crops.person_ref
+    # data only by hash: every data field is a sha256, and no crop, template or portrait bytes are in the file
+    assert all(len(d) == 64 and int(d, 16) >= 0 for e in entries for d in e.data)
+    raw = node.audit.path.read_bytes()
+    assert crops.crops[0].pixels.tobytes()[:64] not in raw and png[-64:] not in raw and template_bytes[-64:] not in raw
+
+    pub = tmp_path / "state" / "audit" / "signing.key.pub"
+    assert audit.verify(node.audit.path, audit.load_public_key(pub)).ok
+    result = CliRunner().invoke(app, ["audit", "verify", str(node.audit.path), "--public-key", str(pub)])
+    assert result.exit_code == 0 and f"{len(entries)} entries" in result.output, result.output
+    lines = node.audit.path.read_text().splitlines()
+    lines[3] = lines[3].replace('"outcome":"refused"', '"outcome":"ok"', 1)  # an edited entry is caught
+    node.audit.path.write_text("\n".join(lines) + "\n")
+    assert CliRunner().invoke(app, ["audit", "verify", str(node.audit.path), "--public-key", str(pub)]).exit_code == 1
+
+
+def test_trust_site_takes_effect_without_a_restart_and_a_bad_key_file_fails_closed(launch, tls, crops, tmp_path, template_bytes):
+    from megaportrait.shared.cli import app
+    from megaportrait.shared.crypto import ed25519_public_pem
+    from typer.testing import CliRunner
+
+    run = launch()
+    client = run.client(tls["site-a"])
+    newcomer = Ed25519PrivateKey.generate()
+    sealed = _seal(crops, run.node, newcomer, site_id="site-n")
+    _refused(lambda: _submit(client, sealed, template_bytes), grpc.StatusCode.UNAUTHENTICATED, "unknown_site")
+    (tmp_path / "site-n.pem").write_bytes(ed25519_public_pem(newcomer))
+    result = CliRunner().invoke(app, ["render-node", "trust-site", "--state-dir", str(tmp_path / "state"), "--site-id", "site-n",
+                                      "--key", str(tmp_path / "site-n.pem")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert _submit(client, sealed, template_bytes).state == pb.JOB_STATE_QUEUED  # the running node took the new key
+
+    junk = tmp_path / "state" / "trusted_sites" / "site-j" / ("0" * 64 + ".pem")
+    junk.parent.mkdir()
+    junk.write_text("not a key")
+    second = _seal(crops, run.node, newcomer, site_id="site-n", job_id="job-2")
+    detail = _refused(lambda: _submit(client, second, template_bytes, job_id="job-2"), grpc.StatusCode.UNAVAILABLE, "trusted_sites_unavailable")
+    assert str(junk) in detail
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        run.node.health_checks()["trusted_sites"]()
+    junk.unlink()
+    assert _submit(client, second, template_bytes, job_id="job-2").state == pb.JOB_STATE_QUEUED
+    run.node.health_checks()["trusted_sites"]()
+    reloads = [(a, o) for a, o, _ in _audit_rows(run.node) if a == "trust.reload"]
+    assert reloads == [("trust.reload", "ok"), ("trust.reload", "failed"), ("trust.reload", "ok")]
+
+
+def test_payload_sealed_before_a_person_deletion_is_refused(launch, tls, crops, site_key, template_bytes):
+    run = launch()
+    client = run.client(tls["site-a"])
+    early = _seal(crops, run.node, site_key, job_id="job-early", now=time.time() - 5)
+    _submit(client, _seal(crops, run.node, site_key), template_bytes)
+    client.DeletePerson(pb.DeletePersonRequest(person_ref=crops.person_ref), timeout=TIMEOUT)
+    detail = _refused(lambda: _submit(client, early, template_bytes, job_id="job-early"), grpc.StatusCode.PERMISSION_DENIED, "consent_revoked")
+    assert "seal a new payload" in detail
+    later = _seal(crops, run.node, site_key, job_id="job-later", now=time.time() + 2)  # sealed after a new consent check
+    assert _submit(client, later, template_bytes, job_id="job-later").state == pb.JOB_STATE_QUEUED
+
+
+class TestDoubleFailing(TestDoublePaste):
+    """Test double: every render fails with a reason code."""
+
+    __test__ = False
+    name = "test-double-failing"
+
+    def render(self, job_id, template, identity, *, stages, seed, params, progress):
+        from megaportrait.shared.errors import MegaPortraitError
+
+        raise MegaPortraitError("this double always fails", reason="test_double_failure")
+
+
+def test_health_endpoint_and_job_metrics_follow_the_node(launch, tls, crops, site_key, template_bytes, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from megaportrait.server.render.service import start_health
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(health.url + path, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    release = threading.Event()
+    run = launch(release, start_workers=False)
+    run.node.registry.register("test-double-failing", lambda s: TestDoubleFailing(), payload_kind="face_crops")
+    health = start_health(run.node, "127.0.0.1:0")
+    try:
+        status, body = get("/healthz")
+        failing = {c["name"]: c["detail"] for c in json.loads(body)["checks"] if not c["ok"]}
+        assert status == 503 and set(failing) == {"workers", "retention"} and "not been started" in failing["workers"]
+        run.node.start()
+        assert get("/healthz")[0] == 200
+
+        client = run.client(tls["site-a"])
+        _submit(client, _seal(crops, run.node, site_key, job_id="ok-1"), template_bytes, job_id="ok-1")
+        assert _follow(client, "ok-1")[-1].state == pb.JOB_STATE_SUCCEEDED
+        _submit(client, _seal(crops, run.node, site_key, job_id="bad-1", backend="test-double-failing"), template_bytes,
+                job_id="bad-1", backend="test-double-failing")  # fmt: skip
+        assert _follow(client, "bad-1")[-1].error_reason == "test_double_failure"
+        with pytest.raises(grpc.RpcError):
+            _submit(client, _seal(crops, run.node, site_key, job_id="old-1", ttl_s=30, now=time.time() - 60), template_bytes, job_id="old-1")
+        for job_id in ("slow-1", "slow-2"):  # one worker: slow-1 runs, slow-2 waits
+            _submit(client, _seal(crops, run.node, site_key, job_id=job_id, backend="test-double-blocking"), template_bytes,
+                    job_id=job_id, backend="test-double-blocking")  # fmt: skip
+        _wait_state(client, "slow-1", pb.JOB_STATE_RUNNING)
+        status, metrics = get("/metrics")
+        assert status == 200
+        for line in (
+            'megaportrait_render_jobs_submitted_total{backend="test-double-paste"} 1.0',
+            'megaportrait_render_jobs_submitted_total{backend="test-double-blocking"} 2.0',
+            'megaportrait_render_jobs_completed_total{backend="test-double-paste"} 1.0',
+            'megaportrait_render_jobs_failed_total{backend="test-double-failing",reason="test_double_failure"} 1.0',
+            'megaportrait_render_submissions_refused_total{reason="payload_expired"} 1.0',
+            'megaportrait_render_seconds_count{backend="test-double-paste"} 1.0',
+            "megaportrait_render_queue_depth 1.0",
+            "megaportrait_render_jobs_running 1.0",
+            'megaportrait_health_check_ok{check="audit_log"} 1.0',
+        ):
+            assert line in metrics, line
+        release.set()
+        assert _follow(client, "slow-2")[-1].state == pb.JOB_STATE_SUCCEEDED
+        assert "megaportrait_render_queue_depth 0.0" in get("/metrics")[1]
+
+        # the audit log fails (disk full): submissions are refused, nothing is stored, and /healthz says why
+        def disk_full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(run.node.audit, "append", disk_full)
+        _refused(lambda: _submit(client, _seal(crops, run.node, site_key, job_id="lost-1"), template_bytes, job_id="lost-1"),
+                 grpc.StatusCode.UNAVAILABLE, "audit_error")  # fmt: skip
+        _refused(lambda: client.GetJob(pb.JobRef(job_id="lost-1"), timeout=TIMEOUT), grpc.StatusCode.NOT_FOUND, "job_not_found")
+        status, body = get("/healthz")
+        failing = {c["name"]: c["detail"] for c in json.loads(body)["checks"] if not c["ok"]}
+        assert status == 503 and list(failing) == ["audit_log"] and "No space left on device" in failing["audit_log"]
+        assert "megaportrait_audit_append_failures_total 2.0" in get("/metrics")[1]  # the decryption entry and the refusal
+        monkeypatch.undo()
+        _submit(client, _seal(crops, run.node, site_key, job_id="ok-2"), template_bytes, job_id="ok-2")
+        assert get("/healthz")[0] == 200
+    finally:
+        health.stop()
