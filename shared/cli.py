@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="MegaPortrait: private, personalised portraits.", no_args_is_help=True)
+app = typer.Typer(help="MegaPortrait: private, personalised portraits.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)  # locals may hold keys or personal data
 
 
 @app.callback()
@@ -46,3 +47,7 @@ app.add_typer(_coordinator_app, name="coordinator")
 from .evaluation.cli import eval_command as _eval_command  # noqa: E402 - typer-level only
 
 app.command("eval")(_eval_command)
+
+from .demo.cli import demo_command as _demo_command  # noqa: E402 - typer-level only
+
+app.command("demo")(_demo_command)

@@ -1,0 +1,144 @@
+"""Revoking one person's consent end to end, and verifying every component's audit log.
+
+Revocation is `shared.consent.revoke_person` as is: receipts revoked, the person's data deleted from every site store
+(and checked unreadable), the render node asked over gRPC to delete their jobs (it destroys the per-job keys) and its
+signed statement verified with the node's key. The demo then checks the consequences from the outside: the stores
+hold nothing of the person, the node answers NOT_FOUND for their old jobs while another person's job is still
+there, and the site refuses the person's next render.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .render import RenderRecord, RunningNode
+from .sites import ACTOR, Site
+
+log = logging.getLogger("megaportrait.demo")
+
+
+class GrpcRenderNodeDeleter:
+    """`consent.RenderNodeDeleter` over the node's gRPC API (DeletePerson), with the site's client certificate."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def delete_person(self, person_ref: str):
+        from megaportrait.protos import render_pb2 as pb
+
+        return self.client.DeletePerson(pb.DeletePersonRequest(person_ref=person_ref), timeout=120)
+
+
+@dataclass
+class RevocationOutcome:
+    """What revocation did and what the checks after it found (each check: (what, passed, detail))."""
+
+    site: str
+    person: str
+    ref: str
+    complete: bool
+    pending: list[str]
+    receipts_revoked: int
+    site_deleted: dict[str, int]
+    still_readable: dict[str, int]
+    node_jobs_deleted: list[str]
+    node_keys_destroyed: int
+    node_statement_verified: bool
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.complete and all(passed for _, passed, _ in self.checks)
+
+
+def revoke_one(site: Site, person_name: str, node: RunningNode, records: list[RenderRecord]) -> RevocationOutcome:
+    """Revoke `person_name` at `site` everywhere and check the result from the site's side."""
+    import grpc
+    from megaportrait.protos import render_pb2 as pb
+    from megaportrait.shared.consent import ConsentRevoked, RevocationIncomplete, revoke_person
+    from megaportrait.shared.payload_format import CLASSIC_CROP_PURPOSE
+
+    person = site.person(person_name)
+    client = node.client(site.site_id)
+    try:
+        result = revoke_person(person.ref, ledger=site.ledger, by="subject", site_stores=site.stores,
+                               render_node=GrpcRenderNodeDeleter(client), render_node_key=node.signing_public)
+        pending: list[str] = []
+    except RevocationIncomplete as exc:
+        log.error("revocation of %s incomplete: %s", person.ref, ", ".join(exc.pending))
+        result, pending = exc.result, list(exc.pending)
+    conf = result.render_confirmation
+    out = RevocationOutcome(
+        site=site.site_id, person=person.name, ref=person.ref, complete=result.complete, pending=pending,
+        receipts_revoked=len(result.receipts_revoked),
+        site_deleted={name: len(items) for name, items in result.site_deleted.items()},
+        still_readable={s.name: len(s.find_person(person.ref)) for s in site.stores},
+        node_jobs_deleted=list(conf.job_ids) if conf else [], node_keys_destroyed=conf.keys_destroyed if conf else 0,
+        node_statement_verified=site.ledger.render_confirmation(person.ref, node.signing_public) is not None)
+
+    out.checks.append(("nothing of the person is readable in any site store",
+                       not any(out.still_readable.values()),
+                       ", ".join(f"{k}: {v}" for k, v in out.still_readable.items())))
+    mine = [r for r in records if r.ref == person.ref]
+    out.checks.append(("the node's signed statement names every job of the person and destroyed their keys",
+                       bool(conf) and sorted(conf.job_ids) == sorted(r.job_id for r in mine) and conf.all_gone,
+                       f"{len(out.node_jobs_deleted)} job(s) in the statement, {len(mine)} submitted"))
+    if mine:
+        try:
+            client.FetchResult(pb.JobRef(job_id=mine[0].job_id), timeout=60)
+            out.checks.append(("the node no longer serves the person's portraits", False, "FetchResult still answered"))
+        except grpc.RpcError as err:
+            out.checks.append(("the node no longer serves the person's portraits",
+                               err.code() == grpc.StatusCode.NOT_FOUND, f"{err.code().name}: {err.details()}"))
+    other = next((r for r in records if r.ref != person.ref and r.site == site.site_id and r.state == "succeeded"),
+                 None)
+    if other is not None:
+        try:
+            client.FetchResult(pb.JobRef(job_id=other.job_id), timeout=60)
+            out.checks.append(("another person's portrait at the same site is untouched", True, other.person))
+        except grpc.RpcError as err:
+            out.checks.append(("another person's portrait at the same site is untouched", False,
+                               f"{err.code().name}: {err.details()}"))
+    try:
+        site.ledger.require(person.ref, CLASSIC_CROP_PURPOSE, actor=ACTOR)
+        out.checks.append(("the person's next render is refused by the site", False, "consent check passed"))
+    except ConsentRevoked as exc:
+        out.checks.append(("the person's next render is refused by the site", True, f"{exc.reason}: {exc}"))
+    return out
+
+
+@dataclass
+class AuditOutcome:
+    """One component's audit log after verification."""
+
+    component: str
+    path: Path
+    public_key_file: Path
+    entries: int
+    checkpoints: int
+    ok: bool
+    problems: list[str]
+    actions: dict[str, int]
+    refused: int
+
+
+def verify_logs(logs: list[tuple[str, object, Path]]) -> list[AuditOutcome]:
+    """Close (checkpoint) and verify each (component, AuditLog, public key file): chain, signatures and checkpoints,
+    with the public key file alone (as an auditor would)."""
+    from megaportrait.shared.audit import read_entries, verify
+
+    out = []
+    for component, audit_log, public_key_file in logs:
+        audit_log.close()
+        report = verify(audit_log.path, Path(public_key_file))
+        actions: dict[str, int] = {}
+        refused = 0
+        for entry in read_entries(audit_log.path):
+            actions[entry.action] = actions.get(entry.action, 0) + 1
+            refused += entry.outcome != "ok"
+        out.append(AuditOutcome(component=component, path=audit_log.path, public_key_file=Path(public_key_file),
+                                entries=report.entries,
+                                checkpoints=report.checkpoints, ok=report.ok,
+                                problems=[str(p) for p in report.problems], actions=actions, refused=refused))
+    return out
