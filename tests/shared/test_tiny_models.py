@@ -10,12 +10,7 @@ from megaportrait.shared.base_models import load_base_model, unet_sha256
 from megaportrait.shared.errors import ModelNotFound
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_tokenizer_knows_the_prompt_words_and_the_rare_token():
