@@ -1,9 +1,10 @@
 """Federation cost: seconds per round and bytes each site sends per round, for 3 and 10 simulated sites, with and
 without SecAgg+. Writes benchmarks/results/federation.json.
 
-Sites hold real photos (../shared/data: people, template portraits as extra people, skimage's astronaut); the
-model is the tiny embedded one at 64 px, so the seconds measure the federation machinery plus a few tiny DP-SGD
-steps, not SD-1.5 training. Bytes are what each site's `outbox_audit_mod` recorded: the exact serialized objects
+Sites hold real photos (../shared/data: people, template portraits as extra people, skimage's astronaut), every
+person with federated-training consent in their site's consent ledger, which each site checks (audited) at the
+budget query and again before training in every round, as in real use; the model is the tiny embedded one at
+64 px, so the seconds measure the federation machinery plus a few tiny DP-SGD steps, not SD-1.5 training. Bytes are what each site's `outbox_audit_mod` recorded: the exact serialized objects
 Flower pushes for every message (budget answer, training reply, SecAgg+ stages), summed per site per round.
 Seconds per round come from the coordinator's checkpoint times (round k written minus round k-1 written).
 
@@ -54,9 +55,14 @@ def measure(n_sites: int, secagg: bool, rounds: int, work: Path) -> dict:
     from megaportrait.server.coordinator.checkpoint import load_checkpoint
     from megaportrait.server.coordinator.deployment import simulate
 
+    from megaportrait.client.federation import SiteConsent, record_federated_consent
+
     case = work / f"{n_sites}-{'secagg' if secagg else 'plain'}"
     sites = make_sites(case / "photos", n_sites)
-    result = simulate(sites, case / "coordinator", site_state_dir=case / "sites",
+    for site in sorted(p for p in sites.iterdir() if p.is_dir()):
+        record_federated_consent(SiteConsent.in_folder(case / "consent" / site.name), site.name,
+                                 sorted(p.name for p in site.iterdir() if p.is_dir()), actor="benchmark")
+    result = simulate(sites, case / "coordinator", site_state_dir=case / "sites", consent=case / "consent",
                       run_config={"num-server-rounds": rounds, "secure-aggregation": secagg,
                                   "min-sites": min(2, n_sites), "epsilon-budget-per-site": 1000.0})
     saved = [load_checkpoint(case / "coordinator", round=r).meta["saved_at"] for r in range(rounds + 1)]

@@ -3,35 +3,55 @@
 Two levels of adapter, and only one of them is federated:
 
 - **Global adapter** (federated). One LoRA (the Identity Net's rank/targets) on the base UNet, trained at every site
-  on *all* of that site's consented face crops under the class prompt ("a photo of person"), with no identity
-  token. It learns what the sites' photos share (faces, framing, lighting of real portrait photos) and is averaged
-  across sites by the coordinator. Each round a site trains it locally with Opacus DP-SGD (per-photo clipping and
-  noise, `client.identity.train_lora`), Flower's `fixedclipping_mod` clips the site's whole update to the
-  coordinator's clipping norm (the coordinator adds central noise), and with secure aggregation `secaggplus_mod`
-  masks the update so the coordinator only ever sees the sum over sites.
+  on the face crops of the people whose `federated_training` consent holds *this round*, under the class prompt
+  ("a photo of person"), with no identity token. It learns what the sites' photos share (faces, framing, lighting
+  of real portrait photos) and is averaged across sites by the coordinator. Each round a site trains it locally
+  with Opacus DP-SGD (per-photo clipping and noise, `client.identity.train_lora`), Flower's client-side clipping
+  mod (`fixedclipping_mod`, or `adaptiveclipping_mod` when the coordinator runs adaptive clipping) clips the
+  site's whole update to the coordinator's clipping norm (the coordinator adds central noise), and with secure
+  aggregation `secaggplus_mod` masks the update so the coordinator only ever sees the sum over sites.
 - **Per-person adapters** (never federated). `personalise_adapter` starts from the latest global adapter this site
   received and fine-tunes it on one person's crops with the identity prompt ("a photo of sks person"). The result
   is an `IdentityAdapter` kept at the site (or sealed to a render node by client/payload.py under consent); no
   function in this module sends it anywhere.
 
+Consent, every round: the person folders under the site's data folder are named by person_ref. At the budget query
+and again right before training, the site asks its `ConsentLedger` (`eligible(..., "federated_training")`, each
+answer audited) which people may take part *now*; only their photos go through intake and training, and cached
+crops of anyone else are deleted. A revoked person is therefore out of the next round. A site with nobody eligible
+(or with no consent ledger configured) declines the round: its budget answer and its training reply say
+`declined = 1` with a `decline-reason`, it trains nothing and releases no epsilon, and its audit log gets a
+`federation.train` entry with outcome "refused". A round it trains in gets a `federation.train` entry naming the
+photos (by sha256) it trained on.
+
 What leaves the site, per round (and nothing else; `outbox_audit_mod` writes every outgoing message to the site's
 `outbox/` folder so the site can check this itself):
 
 - the global adapter's LoRA arrays after local training, clipped (masked too under SecAgg+), in the same order and
-  shapes the coordinator sent;
+  shapes the coordinator sent (a declined round sends back the arrays it received, with weight 0);
 - a metrics record: `site-id`, `epsilon` (cumulative, from the Opacus accountant), `delta`, `steps`,
-  `n-examples` (number of crops), `round-loss`;
+  `n-examples` (number of crops), `round-loss`, `declined`, `decline-reason`; with adaptive clipping also Flower's
+  `norm_bit` (whether the update was clipped; the coordinator noises the count);
 - answers to the coordinator's budget query: `site-id`, `epsilon`, `epsilon-next` (what the accountant says the
-  next round would bring the site to), `n-examples`;
+  next round would bring the site to), `n-examples`, `declined`, `decline-reason`;
 - under SecAgg+, the protocol's public keys, encrypted key shares and masked vectors.
 
-Photos, crops, embeddings, per-person adapters and file names never leave.
+Photos, crops, embeddings, per-person adapters, person refs and file names never leave.
 
-Where a site's photos are (read from the Flower context, never sent):
-- deployment (`flower-supernode --node-config`): `data-dir` (one sub-folder of photos per person), `state-dir`
-  (crop cache, privacy ledger, global adapter, outbox audit), optional `site-id` (default: the data folder's name);
+Where a site's photos and consent records are (read from the Flower context, never sent):
+- deployment (`flower-supernode --node-config`): `data-dir` (one sub-folder of photos per person, named by
+  person_ref), `state-dir` (crop cache, privacy ledger, global adapter, outbox audit), optional `site-id` (default:
+  the data folder's name); consent: `consent-ledger` (SQLite), `consent-key` (the site's Ed25519 key, which signed
+  the receipts and signs its audit entries), optional `audit-log` (default `<state-dir>/audit.jsonl`) and
+  `consent-policy` (default: the checkout's policies/consent.yaml). Without `consent-ledger` in the node config the
+  `policy` section of `$MEGAPORTRAIT_CONFIG` is used when that variable is set (consent_ledger, audit_key,
+  audit_log, consent_file); with neither, the site declines every round.
 - simulation (node config has only `partition-id`): run config `sim-sites-dir` holds one folder per site (sorted;
-  partition k takes the k-th) and `sim-state-dir` one state folder per site.
+  partition k takes the k-th), `sim-state-dir` one state folder per site, and `sim-consent` a JSON file mapping
+  site id to its consent paths (written by `server.coordinator.deployment.simulate`). `sim-consent = "unchecked"`
+  (what `simulate` sets when called without consent records, for callers that filtered consent themselves) makes
+  simulated sites train on every person folder without asking a ledger, with a warning every round; deployed
+  sites never read it.
 """
 from __future__ import annotations
 
@@ -41,27 +61,39 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
+from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
-from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from megaportrait.shared.errors import MegaPortraitError
 
 log = logging.getLogger("megaportrait.client.federation")
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-METRIC_KEYS = ("site-id", "epsilon", "delta", "steps", "n-examples", "round-loss")
-PROPERTY_KEYS = ("site-id", "epsilon", "epsilon-next", "n-examples")
+METRIC_KEYS = ("site-id", "epsilon", "delta", "steps", "n-examples", "round-loss", "declined", "decline-reason")
+PROPERTY_KEYS = ("site-id", "epsilon", "epsilon-next", "n-examples", "declined", "decline-reason")
 LEDGER_FILE = "privacy-ledger.json"
 GLOBAL_ADAPTER_FILE = "global-adapter.npz"
 OUTBOX_DIR = "outbox"
+FEDERATED_TRAINING = "federated_training"
+"""The consent purpose a person's photos need to take part in a round (policies/consent.yaml); the same name as
+`shared.consent.FEDERATED_TRAINING_PURPOSE`, not imported so that loading this module stays light."""
+CONSENT_ACTOR = "federation-client"
+"""Who the site's consent checks and round entries are recorded as, in its audit log."""
+DECLINE_REASONS = ("consent_not_configured", "no_consented_person", "no_usable_photo")
+DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "policies" / "consent.yaml"
+UNCHECKED = "unchecked"
+"""Run config `sim-consent` value: simulated sites use every person folder without a consent check (warned)."""
 
 
 class SiteError(MegaPortraitError):
@@ -71,17 +103,71 @@ class SiteError(MegaPortraitError):
     reason = "site_error"
 
 
-# --- where the site's data lives ---------------------------------------------------------------------------
+# --- where the site's data and consent records live -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteConsent:
+    """Where a site's consent records are: the ledger (SQLite), the site's Ed25519 key (receipts were signed with
+    it; it signs the audit entries), the audit log the checks go to, and the consent policy file."""
+
+    ledger: Path
+    key: Path
+    audit_log: Path
+    policy: Path = DEFAULT_POLICY
+
+    @classmethod
+    def in_folder(cls, folder: str | Path, policy: str | Path | None = None) -> "SiteConsent":
+        """The standard layout of one folder: consent.sqlite, site.key, audit.jsonl."""
+        folder = Path(folder)
+        return cls(folder / "consent.sqlite", folder / "site.key", folder / "audit.jsonl",
+                   Path(policy) if policy else DEFAULT_POLICY)
+
+    def to_json(self) -> dict[str, str]:
+        return {"ledger": str(self.ledger), "key": str(self.key), "audit-log": str(self.audit_log),
+                "policy": str(self.policy)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SiteConsent":
+        return cls(Path(data["ledger"]), Path(data["key"]), Path(data["audit-log"]),
+                   Path(data.get("policy") or DEFAULT_POLICY))
+
+    @contextmanager
+    def open(self, site_id: str, component: str | None = None) -> Iterator[Any]:
+        """The site's `ConsentLedger` (closed, and its audit log checkpointed, on exit); its audit entries are
+        written as `component` (default: the federation client of `site_id`)."""
+        from megaportrait.shared.audit import AuditLog, load_signing_key
+        from megaportrait.shared.consent import ConsentLedger
+        from megaportrait.shared.policy import load_consent_policy
+
+        for what, path in (("consent ledger", self.ledger), ("consent key", self.key),
+                           ("consent policy", self.policy)):
+            if not path.is_file():
+                raise SiteError(f"site {site_id}: {what} {path} does not exist; record consent at the site first "
+                                "(or fix the site's consent paths)", reason="consent_config")
+        key = load_signing_key(self.key)
+        audit = AuditLog(self.audit_log, key, component=component or f"{CONSENT_ACTOR}:{site_id}")
+        ledger = ConsentLedger(self.ledger, site=site_id, key=key, policy=load_consent_policy(self.policy),
+                               audit=audit)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+            audit.close()
 
 
 @dataclass(frozen=True)
 class SiteConfig:
-    """A site's local folders. data_dir: one sub-folder of photos per person. state_dir: what the site keeps
-    between rounds (crop cache, privacy ledger, last global adapter, outbox audit)."""
+    """A site's local folders. data_dir: one sub-folder of photos per person (named by person_ref). state_dir:
+    what the site keeps between rounds (crop cache, privacy ledger, last global adapter, outbox audit). consent:
+    where its consent records are (None: not configured, the site declines every round). consent_unchecked: a
+    simulation whose caller checked consent itself (`sim-consent = "unchecked"`); every person folder is used."""
 
     site_id: str
     data_dir: Path
     state_dir: Path
+    consent: SiteConsent | None = None
+    consent_unchecked: bool = False
 
     @property
     def outbox_dir(self) -> Path:
@@ -98,6 +184,7 @@ def site_from_context(context: Context) -> SiteConfig:
                             "'data-dir=\"...\" state-dir=\"...\"'", reason="site_config")
         site_id = str(node.get("site-id") or data_dir.name)
         state_dir = Path(str(node["state-dir"])).expanduser()
+        consent, unchecked = consent_from_node_config(node, state_dir), False
     elif "partition-id" in node and str(run.get("sim-sites-dir", "")):
         sites_dir = Path(str(run["sim-sites-dir"])).expanduser()
         folders = sorted(p for p in sites_dir.iterdir() if p.is_dir()) if sites_dir.is_dir() else []
@@ -109,13 +196,62 @@ def site_from_context(context: Context) -> SiteConfig:
         site_id = data_dir.name
         state_root = Path(str(run.get("sim-state-dir") or sites_dir.with_name(sites_dir.name + "-state")))
         state_dir = state_root.expanduser() / site_id
+        unchecked = str(run.get("sim-consent", "")) == UNCHECKED
+        consent = None if unchecked else consent_from_simulation(run, site_id)
     else:
         raise SiteError("no site data configured: give the SuperNode --node-config 'data-dir=... state-dir=...' "
                         "or the simulation run config sim-sites-dir", reason="site_config")
     if not data_dir.is_dir():
         raise SiteError(f"site data folder {data_dir} does not exist", reason="site_config")
     state_dir.mkdir(parents=True, exist_ok=True)
-    return SiteConfig(site_id=site_id, data_dir=data_dir, state_dir=state_dir)
+    return SiteConfig(site_id=site_id, data_dir=data_dir, state_dir=state_dir, consent=consent,
+                      consent_unchecked=unchecked)
+
+
+def consent_from_node_config(node: dict[str, Any], state_dir: Path) -> SiteConsent | None:
+    """Consent paths from the node config, else from `$MEGAPORTRAIT_CONFIG`'s policy section, else None."""
+    if "consent-ledger" in node:
+        if "consent-key" not in node:
+            raise SiteError("node config has consent-ledger but no consent-key (the site's Ed25519 key)",
+                            reason="site_config")
+        policy = str(node.get("consent-policy") or "")
+        return SiteConsent(Path(str(node["consent-ledger"])).expanduser(), Path(str(node["consent-key"])).expanduser(),
+                           Path(str(node.get("audit-log") or state_dir / "audit.jsonl")).expanduser(),
+                           Path(policy).expanduser() if policy else DEFAULT_POLICY)
+    if os.environ.get("MEGAPORTRAIT_CONFIG"):
+        from megaportrait.shared.config import load_settings
+
+        policy = load_settings().policy
+        return SiteConsent(policy.consent_ledger, policy.audit_key, policy.audit_log, policy.consent_file)
+    return None
+
+
+def consent_from_simulation(run: dict[str, Any], site_id: str) -> SiteConsent | None:
+    """A simulated site's consent paths from the JSON file named by run config `sim-consent` (None if absent)."""
+    path = str(run.get("sim-consent", ""))
+    if not path:
+        return None
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SiteError(f"simulation consent map {path} is unreadable: {exc}", reason="site_config") from exc
+    return SiteConsent.from_json(entries[site_id]) if site_id in entries else None
+
+
+def record_federated_consent(consent: SiteConsent, site_id: str, person_refs: Iterable[str], *, actor: str,
+                             granted_by: str = "subject") -> list[str]:
+    """Create the site's key, audit log and ledger where `consent` says (a key that exists is reused) and record a
+    signed `federated_training` grant for each person; returns the receipt ids. For simulations, tests and
+    benchmarks: a real site records each grant when the person gives it."""
+    from megaportrait.shared.audit import generate_signing_key
+
+    if not consent.key.is_file():
+        generate_signing_key(consent.key)
+    consent.ledger.parent.mkdir(parents=True, exist_ok=True)
+    consent.ledger.touch()
+    with consent.open(site_id) as ledger:
+        return [ledger.grant(ref, [FEDERATED_TRAINING], granted_by=granted_by, actor=actor).receipt_id
+                for ref in person_refs]
 
 
 def person_photos(data_dir: Path) -> dict[str, list[Path]]:
@@ -140,15 +276,16 @@ class SiteCrops:
         return int(self.pixels.shape[0])
 
 
-def load_site_crops(site: SiteConfig, crop_size: int, *, show_progress: bool = False) -> SiteCrops:
-    """Face crops of every accepted photo at the site, from `client.faces.intake_photos`; cached in the state
-    folder under a key of the photos' bytes and the crop size, so later rounds skip face analysis."""
-    people = person_photos(site.data_dir)
-    digest = hashlib.sha256(str(crop_size).encode())
-    for person, paths in people.items():
-        for p in paths:
-            digest.update(person.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
-    cache = site.state_dir / f"crops-{digest.hexdigest()[:16]}.npz"
+def load_site_crops(site: SiteConfig, crop_size: int, *, show_progress: bool = False,
+                    people: Iterable[str] | None = None) -> SiteCrops:
+    """Face crops of every accepted photo at the site (only of `people`, when given), from
+    `client.faces.intake_photos`; cached in the state folder (`crops-<key>.npz`, key over the people, their photos'
+    bytes and the crop size), so later rounds skip face analysis."""
+    people_photos = person_photos(site.data_dir)
+    if people is not None:
+        wanted = set(people)
+        people_photos = {p: paths for p, paths in people_photos.items() if p in wanted}
+    cache = crop_cache_path(site, crop_size, people_photos)
     if cache.is_file():
         with np.load(cache) as z:
             return SiteCrops(z["pixels"], tuple(z["photo_sha256"].tolist()), tuple(z["person"].tolist()))
@@ -157,7 +294,7 @@ def load_site_crops(site: SiteConfig, crop_size: int, *, show_progress: bool = F
     from megaportrait.shared.config import FaceSettings
 
     pixels, hashes, owners = [], [], []
-    for person, paths in people.items():
+    for person, paths in people_photos.items():
         report = intake_photos(paths, FaceSettings(crop_size=crop_size), show_progress=show_progress)
         for accepted in report.accepted:
             pixels.append(accepted.crop.pixels)
@@ -167,12 +304,81 @@ def load_site_crops(site: SiteConfig, crop_size: int, *, show_progress: bool = F
             log.warning("site %s: %d photo(s) rejected (%s)", site.site_id, len(report.rejected),
                         ", ".join(sorted({r.reason for r in report.rejected})))
     if not pixels:
-        raise SiteError(f"site {site.site_id}: no usable face photo in its data folder", reason="no_photos")
+        raise SiteError(f"site {site.site_id}: no usable face photo in its data folder"
+                        + (" among the people asked for" if people is not None else ""), reason="no_photos")
     crops = SiteCrops(np.stack(pixels), tuple(hashes), tuple(owners))
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, pixels=crops.pixels, photo_sha256=np.array(crops.photo_sha256), person=np.array(crops.person))
     os.replace(tmp, cache)
     return crops
+
+
+def crop_cache_path(site: SiteConfig, crop_size: int, people_photos: dict[str, list[Path]]) -> Path:
+    """The cache file for these people's photos at this crop size."""
+    digest = hashlib.sha256(str(crop_size).encode())
+    for person, paths in sorted(people_photos.items()):
+        for p in paths:
+            digest.update(person.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return site.state_dir / f"crops-{digest.hexdigest()[:16]}.npz"
+
+
+def drop_other_crop_caches(site: SiteConfig, keep: Path | None) -> list[Path]:
+    """Delete every crop cache of the site but `keep`: cached crops of people who are not in this round's consented
+    set (revoked, expired) do not outlive the round. Returns what was deleted."""
+    gone = []
+    for path in sorted(site.state_dir.glob("crops-*.npz")):
+        if path != keep:
+            path.unlink(missing_ok=True)
+            gone.append(path)
+    return gone
+
+
+@dataclass(frozen=True)
+class RoundData:
+    """What a site may train on this round: the consented people's crops, or why it declines (`declined`)."""
+
+    crops: SiteCrops | None
+    people: tuple[str, ...]
+    excluded: int
+    declined: str = ""
+
+
+def consented_round_data(site: SiteConfig, crop_size: int, *, stage: str) -> RoundData:
+    """Ask the site's consent ledger who may take part in federated training now (every answer audited), and load
+    only their crops. `stage` ("budget-query" or "train") goes into the log lines."""
+    people = person_photos(site.data_dir)
+    if site.consent is None and site.consent_unchecked:
+        log.warning("site %s (%s): consent NOT checked (simulation started without consent records); training on "
+                    "all %d person folder(s)", site.site_id, stage, len(people))
+        try:
+            return RoundData(load_site_crops(site, crop_size), tuple(sorted(people)), 0)
+        except SiteError as exc:
+            if exc.reason != "no_photos":
+                raise
+            return RoundData(None, tuple(sorted(people)), 0, "no_usable_photo")
+    if site.consent is None:
+        log.error("site %s: no consent ledger configured (node config consent-ledger/consent-key, "
+                  "$MEGAPORTRAIT_CONFIG's policy section, or simulation sim-consent); declining the round",
+                  site.site_id)
+        return RoundData(None, (), len(people), "consent_not_configured")
+    with site.consent.open(site.site_id) as ledger:
+        eligible = tuple(sorted(ledger.eligible(sorted(people), FEDERATED_TRAINING, actor=CONSENT_ACTOR)))
+    excluded = len(people) - len(eligible)
+    if not eligible:
+        log.warning("site %s (%s): nobody with %s consent among %d person folder(s); declining the round",
+                    site.site_id, stage, FEDERATED_TRAINING, len(people))
+        drop_other_crop_caches(site, None)
+        return RoundData(None, (), excluded, "no_consented_person")
+    try:
+        crops = load_site_crops(site, crop_size, people=eligible)
+    except SiteError as exc:
+        if exc.reason != "no_photos":
+            raise
+        log.warning("site %s (%s): %s; declining the round", site.site_id, stage, exc)
+        drop_other_crop_caches(site, None)
+        return RoundData(None, eligible, excluded, "no_usable_photo")
+    drop_other_crop_caches(site, crop_cache_path(site, crop_size, {p: people[p] for p in eligible}))
+    return RoundData(crops, eligible, excluded)
 
 
 # --- the site's privacy ledger -----------------------------------------------------------------------------
@@ -294,7 +500,8 @@ def initial_global_arrays(settings: "IdentitySettings", seed: int) -> tuple[list
 
 
 class GlobalAdapterClient(NumPyClient):
-    """Answers the coordinator's budget query (`get_properties`) and trains the global adapter (`fit`)."""
+    """Answers the coordinator's budget query (`get_properties`) and trains the global adapter (`fit`), each time
+    on the people whose federated-training consent holds at that moment."""
 
     def __init__(self, site: SiteConfig, run_config: dict[str, Any], run_id: int) -> None:
         self.site = site
@@ -304,32 +511,37 @@ class GlobalAdapterClient(NumPyClient):
         self.local_steps = int(run_config.get("local-steps", 4))
         self.ledger = SitePrivacyLedger(site.state_dir / LEDGER_FILE, self.settings.accountant, self.settings.delta)
 
-    def _crops(self) -> SiteCrops:
-        return load_site_crops(self.site, self.settings.resolution)
+    def _round_data(self, stage: str) -> RoundData:
+        return consented_round_data(self.site, self.settings.resolution, stage=stage)
 
     def _next_release(self, n: int, steps: int) -> tuple[float, float, int]:
         return (float(self.settings.noise_multiplier), planned_sample_rate(n, self.settings.batch_size), steps)
 
     def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
         steps = int(config.get("local-steps", self.local_steps))
-        n = len(self._crops())
-        return {"site-id": self.site.site_id, "epsilon": self.ledger.epsilon(),
-                "epsilon-next": self.ledger.epsilon([self._next_release(n, steps)]), "n-examples": n}
+        data = self._round_data("budget-query")
+        eps = self.ledger.epsilon()
+        if data.declined:
+            self._audit_round(int(config.get("server-round", 0)), "refused", data,
+                              detail={"stage": "budget-query", "reason": data.declined})
+            return {"site-id": self.site.site_id, "epsilon": eps, "epsilon-next": eps, "n-examples": 0,
+                    "declined": 1, "decline-reason": data.declined}
+        n = len(data.crops)
+        return {"site-id": self.site.site_id, "epsilon": eps,
+                "epsilon-next": self.ledger.epsilon([self._next_release(n, steps)]), "n-examples": n,
+                "declined": 0, "decline-reason": ""}
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         raise SiteError("sites do not provide initial parameters; the coordinator builds the global adapter",
                         reason="no_initial_parameters")
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
-        import torch
-
-        from megaportrait.client.identity import attach_lora, detach_lora, get_lora_arrays, set_lora_arrays, \
-            train_lora
-
-        torch.set_num_threads(int(self.run_config.get("site-threads", 1)))
         steps = int(config.get("local-steps", self.local_steps))
         server_round = int(config.get("server-round", 0))
-        crops = self._crops()
+        data = self._round_data("train")
+        if data.declined:
+            return self._decline(parameters, server_round, data)
+        crops = data.crops
         release = self._next_release(len(crops), steps)
         projected = self.ledger.epsilon([release])
         budget = float(config.get("epsilon-budget", math.inf))
@@ -337,6 +549,12 @@ class GlobalAdapterClient(NumPyClient):
             raise SiteError(f"site {self.site.site_id}: round {server_round} would bring epsilon to {projected:.3g}, "
                             f"over the budget {budget:.3g}; refusing to train", reason="budget_exhausted")
 
+        import torch
+
+        from megaportrait.client.identity import attach_lora, detach_lora, get_lora_arrays, set_lora_arrays, \
+            train_lora
+
+        torch.set_num_threads(int(self.run_config.get("site-threads", 1)))
         base = load_base(self.settings, int(self.run_config.get("seed", 0)))
         expected = str(config.get("base-model-sha256", ""))
         if expected and expected != base.ref.sha256:
@@ -353,13 +571,40 @@ class GlobalAdapterClient(NumPyClient):
             detach_lora(unet)
         # The release happened: account for it before anything is sent.
         eps = self.ledger.record(report.noise_multiplier, report.sample_rate, report.steps, run=str(self.run_id),
-                                 round=server_round)
+                                 round=server_round, n_examples=len(crops))
+        self._audit_round(server_round, "ok", data, detail={"stage": "train", "epsilon": eps,
+                                                           "steps": report.steps, "n_examples": len(crops)},
+                          photos=sorted(set(crops.photo_sha256)))
         finite = [x for x in losses if not math.isnan(x)]
-        log.info("site %s round %d: %d crops, %d DP steps, epsilon %.3g", self.site.site_id, server_round,
-                 len(crops), report.steps, eps)
+        log.info("site %s round %d: %d crops of %d consented people, %d DP steps, epsilon %.3g", self.site.site_id,
+                 server_round, len(crops), len(data.people), report.steps, eps)
         metrics = {"site-id": self.site.site_id, "epsilon": eps, "delta": report.delta, "steps": report.steps,
-                   "n-examples": len(crops), "round-loss": float(np.mean(finite)) if finite else float("nan")}
+                   "n-examples": len(crops), "round-loss": float(np.mean(finite)) if finite else float("nan"),
+                   "declined": 0, "decline-reason": ""}
         return arrays, len(crops), metrics
+
+    def _decline(self, parameters: list[np.ndarray], server_round: int, data: RoundData
+                 ) -> tuple[list[np.ndarray], int, dict]:
+        """No training: the arrays go back as received, with weight 0 and `declined = 1` (the coordinator leaves
+        the reply out of the aggregate; under SecAgg+ weight 0 adds nothing to the masked sum)."""
+        self._audit_round(server_round, "refused", data, detail={"stage": "train", "reason": data.declined})
+        log.warning("site %s declines round %d: %s", self.site.site_id, server_round, data.declined)
+        metrics = {"site-id": self.site.site_id, "epsilon": self.ledger.epsilon(), "delta": self.ledger.delta,
+                   "steps": 0, "n-examples": 0, "round-loss": float("nan"), "declined": 1,
+                   "decline-reason": data.declined}
+        return [np.asarray(a) for a in parameters], 0, metrics
+
+    def _audit_round(self, server_round: int, outcome: str, data: RoundData, *, detail: dict[str, Any],
+                     photos: Sequence[str] = ()) -> None:
+        """A `federation.train` entry in the site's audit log: the photos trained on (by sha256), or the decline
+        (at the budget query or at training)."""
+        if self.site.consent is None:
+            return  # nowhere to write it; the decline is logged as an error above
+        with self.site.consent.open(self.site.site_id) as ledger:
+            ledger.audit.append("federation.train", actor=CONSENT_ACTOR, outcome=outcome, data=list(photos),
+                                policy=ledger.policy.version_hash,
+                                detail={"run": str(self.run_id), "round": server_round, "photos": len(photos),
+                                        "people": len(data.people), "excluded_people": data.excluded, **detail})
 
     def _save_global(self, arrays: Sequence[np.ndarray], server_round: int) -> None:
         """Keep the latest global adapter received, for `personalise_adapter`."""
@@ -437,7 +682,44 @@ def optional_secaggplus_mod(msg: Message, ctx: Context, call_next: Any) -> Messa
     return call_next(msg, ctx)
 
 
-app = ClientApp(client_fn=client_fn, mods=[outbox_audit_mod, optional_secaggplus_mod, fixedclipping_mod])
+def is_declined(reply: Message) -> bool:
+    """True for a training reply in which the site declined the round (see `GlobalAdapterClient._decline`)."""
+    if reply.has_error() or not reply.has_content():
+        return False
+    return bool(compat.recorddict_to_fitres(reply.content, keep_input=True).metrics.get("declined", 0))
+
+
+def clipping_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
+    """Flower's client-side clipping of the site's update: `adaptiveclipping_mod` when the coordinator's training
+    request says `clipping = "adaptive"`, `fixedclipping_mod` otherwise (both take the norm from the request).
+
+    A declined reply carries the received arrays unchanged: there is no update to clip (Flower's mods would divide
+    by its zero norm), so it is handed on as the site built it."""
+    if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
+        return call_next(msg, ctx)
+    config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
+    mode = str(config.get("clipping", "fixed"))
+    if mode not in CLIPPING_MODES:
+        raise SiteError(f"coordinator asked for clipping {mode!r}; this site knows {', '.join(CLIPPING_MODES)}",
+                        reason="site_config")
+    flower_mod = adaptiveclipping_mod if mode == "adaptive" else fixedclipping_mod
+    declined: list[Message] = []
+
+    def client(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if is_declined(reply):
+            declined.append(reply)
+            # Flower's clipping mods pass an error reply through untouched; the real reply is returned below.
+            return Message(Error(code=0, reason="declined"), reply_to=m)
+        return reply
+
+    out = flower_mod(msg, ctx, client)
+    return declined[0] if declined else out
+
+
+CLIPPING_MODES = ("fixed", "adaptive")
+
+app = ClientApp(client_fn=client_fn, mods=[outbox_audit_mod, optional_secaggplus_mod, clipping_mod])
 
 
 # --- per-person adapters (local only) ------------------------------------------------------------------------
@@ -456,17 +738,24 @@ def load_global_adapter(state_dir: Path) -> tuple[list[np.ndarray], int]:
 def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, person_ref: str,  # noqa: F821
                         global_arrays: Sequence[np.ndarray], photo_sha256: Sequence[str] | None = None,
                         base: Any = None, steps: int | None = None, progress: bool = False,
-                        dp_noise_seed: int | None = None) -> "IdentityAdapter":  # noqa: F821
+                        dp_noise_seed: int | None = None, ledger: Any = None,
+                        actor: str = "site") -> "IdentityAdapter":  # noqa: F821
     """A person's adapter, fine-tuned locally from the global adapter on that person's crops with the identity
     prompt. It stays at the site: nothing here sends it, and the federated client never reads it.
 
+    ledger: the site's `ConsentLedger`; when given, the person's `personal_adapter` consent is required before
+    training and again after it (consent ended meanwhile: the adapter is discarded and the ConsentError raised),
+    as `client.identity.train_identity_adapter` does. Without it the caller must have checked consent.
     The returned PrivacyReport covers this personalisation run only; the person's photos also took part in the
     site's global rounds, whose epsilon is in the site's privacy ledger.
     """
     from megaportrait.client.identity import _validated_crops, attach_lora, detach_lora, lora_state_dict, \
         prepare_training_set, set_lora_arrays, train_lora
+    from megaportrait.shared.consent import PERSONAL_ADAPTER_PURPOSE, ConsentError
     from megaportrait.shared.records import IdentityAdapter
 
+    if ledger is not None:
+        ledger.require(person_ref, PERSONAL_ADAPTER_PURPOSE, actor=actor)
     arrays, hashes = _validated_crops(crops, photo_sha256)
     base = base if base is not None else load_base(settings, 0)
     ts = prepare_training_set(base.components, arrays, settings)
@@ -478,6 +767,12 @@ def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, p
         state = lora_state_dict(unet)
     finally:
         detach_lora(unet)
+    if ledger is not None:
+        try:
+            ledger.require(person_ref, PERSONAL_ADAPTER_PURPOSE, actor=actor)
+        except ConsentError:
+            state.clear()  # consent ended during training: the adapter is not kept
+            raise
     return IdentityAdapter(person_ref=person_ref, token=settings.token, rank=settings.rank, alpha=settings.alpha,
                            target_modules=tuple(settings.target_modules), lora_state=state, base_model=base.ref,
                            privacy=report, photo_sha256=hashes)

@@ -7,9 +7,15 @@ and runs the remaining rounds with Flower's `DefaultWorkflow`: its fit step is `
 default fit workflow otherwise. The strategy stack is in strategy.py, the budget ledger in budget.py and the
 checkpoints in checkpoint.py.
 
-Run config keys read here: num-server-rounds, min-sites, local-steps, strategy, clipping-norm,
-server-noise-multiplier, secure-aggregation, secagg-num-shares, secagg-reconstruction-threshold, round-timeout,
-epsilon-budget-per-site, state-dir, resume, seed (plus the site training keys that client/federation.py reads).
+Run config keys read here: num-server-rounds, min-sites, local-steps, strategy, clipping (fixed | adaptive),
+clipping-norm (the fixed norm, or the adaptive one's starting value), clipping-target-quantile, clipping-norm-lr,
+clipped-count-stddev, server-noise-multiplier, secure-aggregation, secagg-num-shares,
+secagg-reconstruction-threshold, round-timeout, epsilon-budget-per-site, state-dir, resume, seed (plus the site
+training keys that client/federation.py reads).
+
+Each round's checkpoint records the DP facts of that round (`meta["dp"]`: clipping mode, the norm the sites
+clipped to, the noise multiplier, and with adaptive clipping the noised clipped fraction and the next norm); a
+resumed adaptive run starts from the next norm its latest checkpoint holds, not from `clipping-norm`.
 """
 from __future__ import annotations
 
@@ -86,16 +92,23 @@ def main(grid: Grid, context: Context) -> None:
 
     ledger = BudgetLedger(state_dir / "budget.json", cfg["budget"])
     bounded = BoundedGrid(grid, cfg["round_timeout"])
+    resumed_norm = None
+    if latest is not None and latest.round > 0 and str(run_config.get("clipping", "fixed")).lower() == "adaptive":
+        resumed_norm = latest.meta.get("dp", {}).get("next_clipping_norm")
+    inner = build_strategy(run_config, arrays, cfg["min_sites"], clipping_norm=resumed_norm)
+    if resumed_norm is not None:
+        log.info("adaptive clipping resumes at norm %.4g (checkpoint round %d)", resumed_norm, start_round)
 
-    def on_round(server_round: int, new_arrays: list[np.ndarray], sites: list[str]) -> None:
+    def on_round(server_round: int, new_arrays: list[np.ndarray], sites: list[str], dp: dict[str, Any]) -> None:
         save_checkpoint(state_dir, Checkpoint(round=server_round, arrays=new_arrays, names=names,
                                               base_model_sha256=base_sha, sites=sites,
-                                              meta={"run_id": str(context.run_id), "resumed_from": start_round}))
+                                              meta={"run_id": str(context.run_id), "resumed_from": start_round,
+                                                    "dp": dp}))
         _write_status(state_dir, context.run_id, "running", server_round, cfg["rounds"])
         log.info("round %d aggregated from %d site(s); checkpoint written", server_round, len(sites))
 
     strategy = SiteBudgetStrategy(
-        build_strategy(run_config, arrays, cfg["min_sites"]), grid=bounded, ledger=ledger, min_sites=cfg["min_sites"],
+        inner, grid=bounded, ledger=ledger, min_sites=cfg["min_sites"],
         round_offset=start_round, query_timeout=min(cfg["round_timeout"], 120.0), on_round=on_round,
         fit_config={"local-steps": cfg["local_steps"], "base-model-sha256": base_sha})
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)

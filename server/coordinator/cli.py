@@ -109,7 +109,22 @@ def run(credentials: Path = typer.Option(...), address: str = typer.Option("127.
 
 
 @coordinator.command()
-def simulate(sites_dir: Path = typer.Argument(..., help="One sub-folder of photos per site."),
+def stop(run_id: int = typer.Argument(..., help="The run to stop (e.g. one whose coordinator process died)."),
+         credentials: Path = typer.Option(...), address: str = typer.Option("127.0.0.1:9093"),
+         flwr_home: Path = typer.Option(DEFAULT_HOME)) -> None:
+    """Mark a run stopped at the SuperLink (`flwr stop`); then `coordinator run` resumes from the checkpoint."""
+    from .deployment import FederationCredentials, stop_run, write_connection
+
+    write_connection(flwr_home, address, FederationCredentials.load(credentials).ca_cert)
+    stop_run(flwr_home, run_id)
+    typer.echo(f"run {run_id} stopped")
+
+
+@coordinator.command()
+def simulate(sites_dir: Path = typer.Argument(..., help="One sub-folder per site, in it one folder of photos per "
+                                                         "person (named by person_ref)."),
+             consent_dir: Path = typer.Option(..., help="One sub-folder per site with its consent.sqlite, site.key "
+                                                        "and audit.jsonl; checked by every site each round."),
              state_dir: Path = typer.Option(Path("runs/coordinator-sim")), rounds: int = typer.Option(2),
              secure_aggregation: bool = typer.Option(True, "--secure-aggregation/--no-secure-aggregation"),
              config: list[str] = typer.Option([], "--config", "-c")) -> None:
@@ -118,7 +133,7 @@ def simulate(sites_dir: Path = typer.Argument(..., help="One sub-folder of photo
 
     overrides = {"num-server-rounds": rounds, "secure-aggregation": secure_aggregation, **_parse_config(config)}
     result = _simulate(sites_dir, state_dir.resolve() / "coordinator", site_state_dir=state_dir.resolve() / "sites",
-                       run_config=overrides)
+                       run_config=overrides, consent=consent_dir)
     typer.echo(json.dumps({"seconds": round(result.seconds, 1), "status": result.status,
                            "budget": result.budget}, indent=1, default=str))
 

@@ -1,7 +1,8 @@
 """The two ways to run a federation: Flower's simulation engine, and its deployment engine over TLS.
 
 Simulation (`simulate`): the ServerApp and one virtual SuperNode per site folder in one process (Ray runs the
-ClientApps). For the demo, tests and benchmarks.
+ClientApps). For the demo, tests and benchmarks. Given the sites' consent records (`consent=`), each simulated site
+checks its own consent ledger every round, as a deployed one does.
 
 Deployment (`LocalFederation`, or the pieces it composes, which the CLI exposes one by one):
 
@@ -12,8 +13,8 @@ Deployment (`LocalFederation`, or the pieces it composes, which the CLI exposes 
    `--enable-supernode-auth`: only SuperNodes whose public key was registered may connect.
 3. `register_site`: `flwr supernode register <site>.pub` through the SuperLink's Control API.
 4. `start_supernode`: `flower-supernode` for one site, verifying the SuperLink against the CA, authenticating with
-   the site's private key, its photo and state folders in `--node-config`. ClientApps run in subprocesses
-   (`--isolation subprocess`, the default), one per message.
+   the site's private key, its photo and state folders and its consent ledger in `--node-config`. ClientApps run
+   in subprocesses (`--isolation subprocess`, the default), one per message.
 5. `submit_run`: `flwr run <app> <connection>`: builds the FAB (code only, see `fab-include` in pyproject.toml)
    and starts the ServerApp on the SuperLink with the given run-config overrides.
 
@@ -23,6 +24,7 @@ Every process started here gets its own session (process group), and `ManagedPro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -32,10 +34,11 @@ import sys
 import tempfile
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from megaportrait.shared.errors import ConfigError, MegaPortraitError
 
@@ -88,23 +91,39 @@ class SimulationResult:
     seconds: float
     status: dict[str, Any]
     budget: dict[str, Any]
+    consent_checked: bool = True  # False: simulate() ran without consent records (see its `consent`)
 
 
 def simulate(sites_dir: str | Path, state_dir: str | Path, *, site_state_dir: str | Path | None = None,
              run_config: dict[str, Any] | None = None, num_sites: int | None = None, client_app: Any = None,
-             server_app: Any = None, cpus: int = 2, verbose: bool = False) -> SimulationResult:
-    """Run the federation on Flower's simulation engine: one virtual SuperNode per sub-folder of `sites_dir`.
+             server_app: Any = None, cpus: int = 2, verbose: bool = False,
+             consent: Mapping[str, Any] | str | Path | None = None) -> SimulationResult:
+    """Run the federation on Flower's simulation engine: one virtual SuperNode per sub-folder of `sites_dir`
+    (person folders inside, named by person_ref).
 
-    run_config: overrides of [tool.flwr.app.config]; `state-dir`, `sim-sites-dir` and `sim-state-dir` are set
-    from the arguments. client_app / server_app default to the project's apps (tests may wrap them).
+    consent: each site's consent records, which its client checks every round: a mapping site id ->
+    `client.federation.SiteConsent`, or a folder with one sub-folder per site in `SiteConsent.in_folder` layout
+    (`record_federated_consent` creates one). A site without an entry declines every round. Left out (and no
+    `sim-consent` in `run_config`), the sites check nothing and train on every person folder: a warning says so
+    and the result has `consent_checked = False`; only for callers that filtered consent themselves.
+    run_config: overrides of [tool.flwr.app.config]; `state-dir`, `sim-sites-dir`, `sim-state-dir` and
+    `sim-consent` are set from the arguments. client_app / server_app default to the project's apps (tests may
+    wrap them).
     """
     from flwr.app import Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.simulation.run_simulation import _run_simulation  # noqa: PLC2701 - the only entry taking a run config
+    # Flower's private entry point, on purpose: the public `flwr.simulation.run_simulation` (deprecated in 1.42 in
+    # favour of `flwr run`) takes no run config and no ServerApp context, so the apps would run with an empty
+    # run config; `flwr run` with a local simulation federation starts a detached managed SuperLink on fixed ports
+    # and runs only a packaged FAB, not the (possibly wrapped) app objects tests pass here. `_run_simulation` is
+    # what both of them call; flwr is pinned (==1.42.0) in pyproject.toml, so its signature cannot move under us.
+    from flwr.simulation.run_simulation import _run_simulation  # noqa: PLC2701
     from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
+
+    from megaportrait.client.federation import UNCHECKED
 
     sites_dir = Path(sites_dir).resolve()
     folders = sorted(p for p in sites_dir.iterdir() if p.is_dir()) if sites_dir.is_dir() else []
@@ -116,6 +135,16 @@ def simulate(sites_dir: str | Path, state_dir: str | Path, *, site_state_dir: st
     overrides = dict(run_config or {})
     overrides.update({"state-dir": str(state_dir), "sim-sites-dir": str(sites_dir),
                       "sim-state-dir": str(site_state_dir)})
+    if consent is not None:
+        overrides["sim-consent"] = str(write_simulation_consent(site_state_dir / "sim-consent.json",
+                                                                [f.name for f in folders[:num_sites]], consent))
+    elif not str(overrides.get("sim-consent", "")):
+        # Kept for callers written before sites checked consent each round (they filtered photos themselves).
+        logging.getLogger("megaportrait.coordinator").warning(
+            "simulate() called without consent records: the simulated sites will NOT check consent and will train "
+            "on every person folder in %s. Pass consent= (per-site ledgers, see "
+            "client.federation.record_federated_consent) so that each round checks it.", sites_dir)
+        overrides["sim-consent"] = UNCHECKED
     config = fused_run_config(overrides)
 
     if client_app is None:
@@ -142,7 +171,33 @@ def simulate(sites_dir: str | Path, state_dir: str | Path, *, site_state_dir: st
                         server_app_context=context, app_dir=tmp, run=run, is_app=True, verbose_logging=verbose)
         seconds = time.perf_counter() - started
     return SimulationResult(state_dir=state_dir, seconds=seconds, status=_read_json(state_dir / "status.json"),
-                            budget=_read_json(state_dir / "budget.json"))
+                            budget=_read_json(state_dir / "budget.json"),
+                            consent_checked=config["sim-consent"] != UNCHECKED)
+
+
+def write_simulation_consent(path: Path, sites: Sequence[str], consent: Mapping[str, Any] | str | Path) -> Path:
+    """The `sim-consent` file: site id -> consent paths, from a mapping of `SiteConsent`s or a folder of per-site
+    `SiteConsent.in_folder` layouts. Sites with no records are logged (they will decline every round)."""
+    from megaportrait.client.federation import SiteConsent
+
+    if isinstance(consent, Mapping):
+        entries = {site: c if isinstance(c, SiteConsent) else SiteConsent.from_json(c) for site, c in consent.items()}
+    else:
+        folder = Path(consent)
+        if not folder.is_dir():
+            raise ConfigError(f"consent folder {folder} does not exist")
+        entries = {site: SiteConsent.in_folder(folder / site) for site in sites
+                   if (folder / site / "consent.sqlite").is_file()}
+    unknown = sorted(set(entries) - set(sites))
+    if unknown:
+        raise ConfigError(f"consent records for unknown site(s) {unknown}; the sites are {sorted(sites)}")
+    missing = sorted(set(sites) - set(entries))
+    if missing:
+        logging.getLogger("megaportrait.coordinator").warning(
+            "no consent records for site(s) %s: they will decline every round", missing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({site: c.to_json() for site, c in entries.items()}, indent=1))
+    return path
 
 
 def _write_app_config(folder: Path, config: dict[str, Any]) -> None:
@@ -365,12 +420,19 @@ def register_site(site: str, creds: FederationCredentials, flwr_home: str | Path
 
 
 def start_supernode(site: str, creds: FederationCredentials, *, superlink: str, data_dir: str | Path,
-                    state_dir: str | Path, runtime_port: int, host: str = "127.0.0.1") -> ManagedProcess:
+                    state_dir: str | Path, runtime_port: int, host: str = "127.0.0.1", consent: Any = None
+                    ) -> ManagedProcess:
     """`flower-supernode` for one site: TLS to the SuperLink (CA-verified), authenticated with the site's key;
-    photos in `data_dir`, everything the site keeps (and its logs) in `state_dir`."""
+    photos in `data_dir`, everything the site keeps (and its logs) in `state_dir`; `consent`
+    (`client.federation.SiteConsent`) names its consent ledger, key, audit log and policy. Without it the node
+    config carries none, and the site's client falls back to `$MEGAPORTRAIT_CONFIG` or declines every round."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     node_config = (f'site-id="{site}" data-dir="{Path(data_dir).resolve()}" state-dir="{state_dir}"')
+    if consent is not None:
+        node_config += "".join(f' {key}="{Path(value).resolve()}"' for key, value in (
+            ("consent-ledger", consent.ledger), ("consent-key", consent.key), ("audit-log", consent.audit_log),
+            ("consent-policy", consent.policy)))
     argv = [_tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(creds.ca_cert),
             "--auth-supernode-private-key", str(creds.site_private_key(site)), "--node-config", node_config,
             "--host", host, "--port", str(runtime_port), "--max-wait-time", "120"]
@@ -414,6 +476,18 @@ def submit_run(flwr_home: str | Path, run_config: dict[str, Any] | None = None, 
     if result.returncode != 0 or "run-id" not in payload:
         raise DeploymentError(f"flwr run failed: {result.stdout[-800:]} {result.stderr[-800:]}")
     return int(payload["run-id"])
+
+
+def stop_run(flwr_home: str | Path, run_id: int, timeout: float = 60.0) -> None:
+    """`flwr stop <run-id> megaportrait`: mark a run stopped at the SuperLink. After its coordinator process died
+    (crash, kill), this lets the SuperNodes drop the dead run's undelivered messages at once instead of retrying
+    them until the SuperLink notices the missing heartbeat (about a minute); then submit a run that resumes."""
+    result = subprocess.run([_tool("flwr"), "stop", str(run_id), CONNECTION, "--format", "json"],
+                            capture_output=True, text=True, timeout=timeout, env=flower_env(flwr_home),
+                            cwd=str(flwr_home))
+    payload = _last_json(result.stdout)
+    if result.returncode != 0 or not payload.get("success"):
+        raise DeploymentError(f"flwr stop {run_id} failed: {result.stdout[-800:]} {result.stderr[-800:]}")
 
 
 def _toml_value(value: Any) -> str:
@@ -471,6 +545,8 @@ class LocalFederation:
     the tests and the benchmark. Use as a context manager; every process it started is ended on exit.
 
     sites: site id -> photo folder. root: where credentials, logs, the coordinator and site state go.
+    consent: site id -> `client.federation.SiteConsent` (its consent ledger, key, audit log), put in the site's
+    node config.
     """
 
     sites: dict[str, Path]
@@ -480,6 +556,7 @@ class LocalFederation:
     supernodes: dict[str, ManagedProcess] = field(default_factory=dict)
     node_ids: dict[str, int] = field(default_factory=dict)
     port: int = 0
+    consent: dict[str, Any] = field(default_factory=dict)
 
     @property
     def creds_dir(self) -> Path:
@@ -513,8 +590,10 @@ class LocalFederation:
         self.port = free_port(self.host)
         self.superlink = start_superlink(creds, port=self.port, state_dir=self.root / "superlink", host=self.host)
         write_connection(self.flwr_home, f"{self.host}:{self.port}", creds.ca_cert)
-        for site in self.sites:
-            self.node_ids[site] = register_site(site, creds, self.flwr_home)
+        # One `flwr supernode register` process per site, side by side (each is mostly interpreter start-up).
+        with ThreadPoolExecutor(max_workers=len(self.sites) or 1) as pool:
+            ids = pool.map(lambda site: register_site(site, creds, self.flwr_home), list(self.sites))
+            self.node_ids.update(zip(self.sites, ids))
         for site in self.sites:
             self.start_site(site)
 
@@ -522,7 +601,7 @@ class LocalFederation:
         creds = FederationCredentials.load(self.creds_dir)
         process = start_supernode(site, creds, superlink=f"{self.host}:{self.port}", data_dir=self.sites[site],
                                   state_dir=self.site_state_dir(site), runtime_port=free_port(self.host),
-                                  host=self.host)
+                                  host=self.host, consent=self.consent.get(site))
         self.supernodes[site] = process
         return process
 
@@ -530,6 +609,10 @@ class LocalFederation:
         """Submit a run with `state-dir` set to this federation's coordinator folder."""
         config = {"state-dir": str(self.coordinator_dir), **(run_config or {})}
         return submit_run(self.flwr_home, config)
+
+    def stop_run(self, run_id: int) -> None:
+        """Mark a run stopped at the SuperLink (see `stop_run`)."""
+        stop_run(self.flwr_home, run_id)
 
     def status(self) -> dict[str, Any]:
         return _read_json(self.coordinator_dir / "status.json")

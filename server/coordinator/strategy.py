@@ -1,8 +1,14 @@
 """The coordinator's strategy: Flower's own pieces, wrapped, plus a thin outer layer for budgets and checkpoints.
 
-    SiteBudgetStrategy(                                   <- ours: budget query/refusal, epsilon ledger,
-        DifferentialPrivacyClientSideFixedClipping(          checkpoint per round, dropouts never veto a round
-            FedAvg | FedMedian | FedTrimmedAvg, ...))     <- Flower's: client-side clipping + server-side noise
+    SiteBudgetStrategy(                                   <- ours: budget query/refusal, declines, epsilon ledger,
+        DifferentialPrivacyClientSideFixedClipping           checkpoint per round, dropouts never veto a round
+        | ClientSideAdaptiveClipping(                     <- Flower's client-side clipping + server-side noise
+            FedAvg | FedMedian | FedTrimmedAvg, ...))        (adaptive: Flower's wrapper, two fixes, see its doc)
+
+Clipping is always client-side (`clipping = "fixed"` or `"adaptive"` in the run config): a site clips its own
+update before anything leaves it, so the coordinator never holds an unclipped update, and SecAgg+ (which only
+shows the coordinator a sum) works with both. Flower's server-side clipping wrappers would need every raw update
+at the coordinator; they are not offered.
 
 Why Flower's *legacy* strategy API (`flwr.server.strategy`): in flwr 1.42 secure aggregation exists only as
 `flwr.server.workflow.SecAggPlusWorkflow`, which drives a legacy `Strategy` through a `LegacyContext`; the
@@ -15,6 +21,7 @@ secure aggregation; `build_strategy` refuses that combination.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,6 +43,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     FedAvg,
     FedMedian,
@@ -43,6 +51,7 @@ from flwr.server.strategy import (
     Strategy,
 )
 from flwr.serverapp import Grid
+from flwr.supercore.differential_privacy import KEY_NORM_BIT, add_gaussian_noise_to_params
 
 from megaportrait.shared.errors import ConfigError
 
@@ -51,6 +60,7 @@ from .budget import BudgetLedger
 log = logging.getLogger("megaportrait.coordinator.strategy")
 
 AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg")
+CLIPPING_MODES = ("fixed", "adaptive")
 
 
 class BoundedGrid(Grid):
@@ -84,15 +94,71 @@ class BoundedGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=self.timeout if timeout is None else timeout)
 
 
-def build_strategy(run_config: dict[str, Any], initial_arrays: list[np.ndarray], min_sites: int
-                   ) -> DifferentialPrivacyClientSideFixedClipping:
-    """Flower's aggregator named by `strategy`, wrapped in client-side fixed clipping with server-side noise."""
+class ClientSideAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping (Andrew et al. 2021, arXiv:1905.03871), with two corrections to
+    `DifferentialPrivacyClientSideAdaptiveClipping` as shipped in flwr 1.42:
+
+    1. Direction. Flower's `adaptiveclipping_mod` sets the norm bit when the update *was clipped*, but the wrapper
+       applies the paper's rule for the bit "update was *not* clipped": C <- C * exp(-lr * (clipped - target)). So
+       when every update is clipped the norm shrinks further (and grows without bound when none is). Here, with
+       f the noised fraction of clipped updates and `target_clipped_quantile` the fraction meant to be clipped:
+       C <- C * exp(lr * (f - target)), the paper's rule for b = 1 - f and gamma = 1 - target.
+    2. Noise. Flower adds the round's central noise with the norm already updated for the *next* round; the sites
+       clipped to this round's norm, so the noise here uses that one (a shrinking norm would otherwise under-noise).
+
+    `history` keeps, per aggregated round, the norm used, the noised clipped fraction and the next norm.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.history: list[dict[str, float]] = []
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if failures or not results:
+            return None, {}
+        used = self.clipping_norm
+        aggregated, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        fraction = self._update_clip_norm(results)
+        self.history.append({"round": server_round, "clipping_norm": used, "clipped_fraction": fraction,
+                             "next_clipping_norm": self.clipping_norm})
+        if aggregated is not None:
+            aggregated = add_gaussian_noise_to_params(aggregated, self.noise_multiplier, used,
+                                                      self.num_sampled_clients)
+        log.info("round %d: clipping norm %.4g -> %.4g (noised clipped fraction %.3f, target %.3f)", server_round,
+                 used, self.clipping_norm, fraction, self.target_clipped_quantile)
+        return aggregated, metrics
+
+    def _update_clip_norm(self, results: list[tuple[ClientProxy, FitRes]]) -> float:  # type: ignore[override]
+        clipped = 0
+        for proxy, fit_res in results:
+            if KEY_NORM_BIT not in fit_res.metrics:
+                raise KeyError(f"site {fit_res.metrics.get('site-id', proxy.node_id)} sent no {KEY_NORM_BIT}: its "
+                               "ClientApp does not run adaptiveclipping_mod")
+            clipped += bool(fit_res.metrics[KEY_NORM_BIT])
+        fraction = float(np.random.normal(clipped, self.clipped_count_stddev)) / len(results)
+        self.clipping_norm *= math.exp(self.clip_norm_lr * (fraction - self.target_clipped_quantile))
+        return fraction
+
+
+DPWrapper = DifferentialPrivacyClientSideFixedClipping | ClientSideAdaptiveClipping
+
+
+def build_strategy(run_config: dict[str, Any], initial_arrays: list[np.ndarray], min_sites: int, *,
+                   clipping_norm: float | None = None) -> DPWrapper:
+    """Flower's aggregator named by `strategy`, wrapped in client-side clipping (`clipping`: fixed or adaptive)
+    with server-side noise. `clipping_norm` overrides `clipping-norm` (a resumed adaptive run passes the norm its
+    checkpoint holds)."""
     name = str(run_config.get("strategy", "fedavg")).lower()
     if name not in AGGREGATORS:
         raise ConfigError(f"strategy {name!r} is not one of {', '.join(AGGREGATORS)}")
     if name != "fedavg" and bool(run_config.get("secure-aggregation", True)):
         raise ConfigError(f"strategy {name!r} needs each site's update in the clear; it cannot run with "
                           "secure-aggregation = true (use fedavg, or turn secure aggregation off)")
+    mode = str(run_config.get("clipping", "fixed")).lower()
+    if mode not in CLIPPING_MODES:
+        raise ConfigError(f"clipping {mode!r} is not one of {', '.join(CLIPPING_MODES)}")
     common = dict(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=min_sites, min_evaluate_clients=0,
                   min_available_clients=min_sites, initial_parameters=ndarrays_to_parameters(initial_arrays),
                   fit_metrics_aggregation_fn=site_metrics_summary)
@@ -102,9 +168,21 @@ def build_strategy(run_config: dict[str, Any], initial_arrays: list[np.ndarray],
         inner = FedMedian(**common)
     else:
         inner = FedTrimmedAvg(**common, beta=float(run_config.get("trim-beta", 0.2)))
-    return DifferentialPrivacyClientSideFixedClipping(
-        inner, noise_multiplier=float(run_config.get("server-noise-multiplier", 0.1)),
-        clipping_norm=float(run_config.get("clipping-norm", 1.0)), num_sampled_clients=min_sites)
+    noise = float(run_config.get("server-noise-multiplier", 0.1))
+    norm = float(run_config.get("clipping-norm", 1.0)) if clipping_norm is None else float(clipping_norm)
+    if mode == "fixed":
+        return DifferentialPrivacyClientSideFixedClipping(inner, noise_multiplier=noise, clipping_norm=norm,
+                                                          num_sampled_clients=min_sites)
+    stddev = str(run_config.get("clipped-count-stddev", "auto"))
+    try:
+        return ClientSideAdaptiveClipping(
+            inner, noise_multiplier=noise, num_sampled_clients=min_sites, initial_clipping_norm=norm,
+            target_clipped_quantile=float(run_config.get("clipping-target-quantile", 0.5)),
+            clip_norm_lr=float(run_config.get("clipping-norm-lr", 0.2)),
+            clipped_count_stddev=None if stddev == "auto" else float(stddev))
+    except ValueError as exc:
+        raise ConfigError(f"adaptive clipping: {exc} (run config server-noise-multiplier, clipped-count-stddev, "
+                          "clipping-norm, clipping-target-quantile, clipping-norm-lr)") from exc
 
 
 def site_metrics_summary(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
@@ -116,17 +194,22 @@ def site_metrics_summary(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[s
 class SiteBudgetStrategy(Strategy):
     """Outermost layer around Flower's strategy stack.
 
-    Before each round it asks every sampled site (a GET_PROPERTIES message, answered by the site's accountant) for
-    its site id, epsilon so far and epsilon after one more round, and drops the sites the `BudgetLedger` refuses;
-    with fewer than `min_sites` left the round is skipped. After aggregation it records each site's reported
-    epsilon and calls `on_round` (the checkpoint). Sites that dropped out mid-round are logged, not counted as
-    failures, so the round completes with the others. `round_offset` numbers rounds across a resume.
+    Before each round it asks every sampled site (a GET_PROPERTIES message, answered by the site's accountant over
+    the people whose consent holds now) for its site id, epsilon so far and epsilon after one more round; sites
+    that decline (no consented person, no consent ledger) are left out, and so are the sites the `BudgetLedger`
+    refuses; with fewer than `min_sites` left the round is skipped. After training, replies in which a site
+    declined (consent revoked between the query and training) are left out of the aggregate; the central noise is
+    calibrated to the sites whose updates are aggregated. Each site's reported epsilon is recorded and `on_round`
+    (the checkpoint) is called with the new arrays, the sites and the round's DP facts. Sites that dropped out
+    mid-round are logged, not counted as failures, so the round completes with the others. `round_offset` numbers
+    rounds across a resume.
     """
 
-    def __init__(self, inner: DifferentialPrivacyClientSideFixedClipping, *, grid: Grid, ledger: BudgetLedger,
+    def __init__(self, inner: DPWrapper, *, grid: Grid, ledger: BudgetLedger,
                  min_sites: int, round_offset: int = 0, fit_config: dict[str, Scalar] | None = None,
                  query_timeout: float = 60.0,
-                 on_round: Callable[[int, list[np.ndarray], list[str]], None] | None = None) -> None:
+                 on_round: Callable[[int, list[np.ndarray], list[str], dict[str, Any]], None] | None = None
+                 ) -> None:
         super().__init__()
         self.inner = inner
         self.grid = grid
@@ -134,6 +217,8 @@ class SiteBudgetStrategy(Strategy):
         self.min_sites = min_sites
         self.round_offset = round_offset
         self.fit_config = dict(fit_config or {})
+        self.fit_config.setdefault("clipping", "adaptive" if isinstance(inner, ClientSideAdaptiveClipping)
+                                   else "fixed")
         self.query_timeout = query_timeout
         self.on_round = on_round
         self.node_sites: dict[int, str] = {}
@@ -166,7 +251,8 @@ class SiteBudgetStrategy(Strategy):
         sampled = self.inner.configure_fit(absolute, parameters, client_manager)
         answers = self.query_sites([proxy.node_id for proxy, _ in sampled], absolute)
         admitted: list[tuple[ClientProxy, FitIns]] = []
-        report: dict[str, Any] = {"sampled": len(sampled), "admitted": [], "refused": [], "silent": []}
+        report: dict[str, Any] = {"sampled": len(sampled), "admitted": [], "refused": [], "declined": {},
+                                  "silent": []}
         for proxy, fit_ins in sampled:
             answer = answers.get(proxy.node_id)
             if answer is None:
@@ -175,6 +261,10 @@ class SiteBudgetStrategy(Strategy):
             site = str(answer["site-id"])
             self.node_sites[proxy.node_id] = site
             self.ledger.observe(site, float(answer["epsilon"]))
+            if int(answer.get("declined", 0)):
+                report["declined"][site] = str(answer.get("decline-reason", ""))
+                log.info("round %d: site %s declines (%s)", absolute, site, report["declined"][site])
+                continue
             if not self.ledger.admits(site, float(answer["epsilon-next"]), absolute):
                 report["refused"].append(site)
                 continue
@@ -184,13 +274,14 @@ class SiteBudgetStrategy(Strategy):
             report["admitted"].append(site)
         self.rounds[absolute] = report
         if len(admitted) < self.min_sites:
-            log.warning("round %d skipped: %d site(s) within budget and answering, %d needed (refused: %s, silent: %d)",
-                        absolute, len(admitted), self.min_sites, report["refused"], len(report["silent"]))
+            log.warning("round %d skipped: %d site(s) within budget and answering, %d needed (refused: %s, "
+                        "declined: %s, silent: %d)", absolute, len(admitted), self.min_sites, report["refused"],
+                        sorted(report["declined"]), len(report["silent"]))
             return []
-        # The central noise is calibrated to the number of sites actually asked to train this round.
+        # The central noise is calibrated to the number of sites asked to train (and again to those aggregated).
         self.inner.num_sampled_clients = len(admitted)
-        log.info("round %d: %d site(s) admitted %s, refused %s", absolute, len(admitted), report["admitted"],
-                 report["refused"])
+        log.info("round %d: %d site(s) admitted %s, refused %s, declined %s", absolute, len(admitted),
+                 report["admitted"], report["refused"], sorted(report["declined"]))
         return admitted
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -198,22 +289,42 @@ class SiteBudgetStrategy(Strategy):
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         absolute = server_round + self.round_offset
         report = self.rounds.setdefault(absolute, {})
-        report["trained"] = []
+        report["trained"], report["examples"], report["declined_at_training"] = [], {}, {}
+        contributing = []
         for proxy, fit_res in results:
             site = str(fit_res.metrics.get("site-id", self.node_sites.get(proxy.node_id, proxy.node_id)))
+            self.ledger.observe(site, float(fit_res.metrics.get("epsilon", 0.0)))
+            if int(fit_res.metrics.get("declined", 0)):
+                report["declined_at_training"][site] = str(fit_res.metrics.get("decline-reason", ""))
+                continue
             self.ledger.record_round(site, float(fit_res.metrics.get("epsilon", 0.0)), absolute)
             report["trained"].append(site)
+            report["examples"][site] = int(fit_res.num_examples)
+            contributing.append((proxy, fit_res))
         report["failures"] = len(failures)
         if failures:
             log.warning("round %d: %d site(s) failed or dropped out; aggregating the %d that answered", absolute,
-                        len(failures), len(results))
-        if len(results) < self.min_sites:
-            log.warning("round %d: only %d result(s), %d needed; global adapter unchanged", absolute, len(results),
-                        self.min_sites)
+                        len(failures), len(contributing))
+        if report["declined_at_training"]:
+            log.warning("round %d: site(s) %s declined at training; left out of the aggregate", absolute,
+                        sorted(report["declined_at_training"]))
+        if len(contributing) < self.min_sites:
+            log.warning("round %d: only %d result(s), %d needed; global adapter unchanged", absolute,
+                        len(contributing), self.min_sites)
             return None, {}
-        parameters, metrics = self.inner.aggregate_fit(absolute, results, [])
+        self.inner.num_sampled_clients = len(contributing)
+        parameters, metrics = self.inner.aggregate_fit(absolute, contributing, [])
+        dp = {"clipping": self.fit_config["clipping"], "noise_multiplier": float(self.inner.noise_multiplier),
+              "sites_aggregated": len(contributing)}
+        if isinstance(self.inner, ClientSideAdaptiveClipping) and self.inner.history:
+            last = self.inner.history[-1]
+            dp.update(clipping_norm=last["clipping_norm"], clipped_fraction=last["clipped_fraction"],
+                      next_clipping_norm=last["next_clipping_norm"])
+        else:
+            dp["clipping_norm"] = float(self.inner.clipping_norm)
+        report["dp"] = dp
         if parameters is not None and self.on_round is not None:
-            self.on_round(absolute, parameters_to_ndarrays(parameters), sorted(report["trained"]))
+            self.on_round(absolute, parameters_to_ndarrays(parameters), sorted(report["trained"]), dp)
         return parameters, metrics
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -1,10 +1,12 @@
 """Everything a site sends during federated rounds, inspected byte by byte: no image bytes, no per-person adapter.
 
 Three simulated sites hold real photos (../shared/data people, template portraits as extra people, skimage's
-astronaut). Site A first personalises an adapter for one person (kept at the site, as in real use), then all three
-take part in two SecAgg+ rounds. Every outgoing message is captured by the site's own `outbox_audit_mod`
-(the exact bytes Flower pushes) and checked for: crop pixel rows, raw photo file bytes, the per-person adapter's
-tensors, and any record or key outside what the site is allowed to send.
+astronaut), every person with federated-training consent in their site's ledger. Site A first personalises an
+adapter for one person (kept at the site, as in real use), then all three take part in two SecAgg+ rounds with
+adaptive clipping (so the clipping bit Flower's mod adds is among what is checked). Every outgoing message is
+captured by the site's own `outbox_audit_mod` (the exact bytes Flower pushes) and checked for: crop pixel rows, raw
+photo file bytes, the per-person adapter's tensors, person refs, and any record or key outside what the site is
+allowed to send.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.common.secure_aggregation.secaggplus_constants import Key
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from megaportrait.client import federation
 from megaportrait.server.coordinator.checkpoint import load_checkpoint
@@ -27,7 +30,7 @@ ALLOWED_CONFIG_KEYS = {
     # answers to the budget query (GetPropertiesRes in Flower's legacy record layout)
     "getpropertiesres.properties": set(federation.PROPERTY_KEYS),
     "getpropertiesres.status": {"code", "message"},
-    "fitres.metrics": set(federation.METRIC_KEYS),
+    "fitres.metrics": set(federation.METRIC_KEYS) | {KEY_NORM_BIT},
     "fitres.status": {"code", "message"},
     "fitres.num_examples": {"num_examples"},
 }
@@ -47,12 +50,12 @@ def make_sites(root: Path, people: dict[str, list[Path]], templates: list[Path],
         for f in files:
             shutil.copy(f, folder / f.name)
 
-    put("site-a", "obama", people["obama"])
-    put("site-b", "biden", people["biden"])
-    (root / "site-b" / "astronaut").mkdir(parents=True)
-    Image.fromarray(astronaut).save(root / "site-b" / "astronaut" / "astronaut.png")
+    put("site-a", "person-obama", people["obama"])
+    put("site-b", "person-biden", people["biden"])
+    (root / "site-b" / "person-astronaut").mkdir(parents=True)
+    Image.fromarray(astronaut).save(root / "site-b" / "person-astronaut" / "astronaut.png")
     for i, f in enumerate(templates[:3]):
-        put("site-c", f"template-{i}", [f])
+        put("site-c", f"person-template-{i}", [f])
     return root
 
 
@@ -73,8 +76,11 @@ def federated(tmp_path_factory, people, templates, astronaut):
     global0, _, _ = federation.initial_global_arrays(settings, seed=0)
     person = federation.personalise_adapter(list(crops.pixels), settings, person_ref="obama-ref",
                                             global_arrays=global0, photo_sha256=list(crops.photo_sha256), steps=3)
-    result = simulate(sites_dir, root / "coordinator", site_state_dir=site_state,
-                      run_config={"num-server-rounds": 2, "secure-aggregation": True})
+    for site in ("site-a", "site-b", "site-c"):
+        federation.record_federated_consent(federation.SiteConsent.in_folder(root / "consent" / site), site,
+                                            sorted(p.name for p in (sites_dir / site).iterdir()), actor="test")
+    result = simulate(sites_dir, root / "coordinator", site_state_dir=site_state, consent=root / "consent",
+                      run_config={"num-server-rounds": 2, "secure-aggregation": True, "clipping": "adaptive"})
     return {"root": root, "sites_dir": sites_dir, "site_state": site_state, "result": result, "person": person}
 
 
@@ -123,6 +129,8 @@ def test_no_image_bytes_and_no_person_adapter_leave_a_site(federated):
                     f"{site}: bytes of {photo.name} are in {entry['file']}"
             for tensor in person_tensors:
                 assert tensor[:64] not in blob, f"{site}: a per-person adapter tensor is in {entry['file']}"
+            for person in (p.name for p in (sites_dir / site).iterdir()):
+                assert person.encode() not in blob, f"{site}: person ref {person} is in {entry['file']}"
             # structure: only the allowed records and keys
             for name, record in entry["records"].items():
                 if record["kind"] == "arrays":

@@ -1,39 +1,62 @@
 """The deployment engine for real: one `flower-superlink` and three `flower-supernode` processes on loopback, TLS
-on every connection (certificates from shared/pki.py), SuperNode authentication with registered keys.
+on every connection (certificates from shared/pki.py), SuperNode authentication with registered keys, each site's
+consent ledger named in its node config.
 
-Scenarios share one federation (starting it costs ~15 s):
-1. two SecAgg+ rounds; in round 2 site-c's SuperNode is SIGKILLed once it has received its training request (its
-   key shares are out), and the round completes with the other two (SecAgg+ recovers the dead site's masks from
-   its neighbours' shares);
-2. the coordinator (the `flwr-serverapp` process) is SIGKILLed after round 1, and a new run resumes from the
-   round-1 checkpoint;
-3. a budget below the sites' next-round epsilon: every site is refused, nothing trains.
+One federation and one three-round SecAgg+ job serve every test (a run costs minutes on two shared cores):
+1. run A trains round 1 with all three sites; its coordinator (the `flwr-serverapp` process) is SIGKILLed as soon
+   as the round-1 checkpoint is written, before round 2 can train;
+2. run B (same run config) resumes from that checkpoint and trains round 2; site-c's SuperNode is SIGKILLed once
+   it has received its round-2 training request (its key shares are out), and the round completes with the other
+   two (SecAgg+ recovers the dead site's masks from its neighbours' shares);
+3. round 3 would take site-a and site-b past the epsilon budget (set between their epsilon after two rounds and
+   after three): both are refused, nothing trains, the run ends at round 2.
+
+Every site holds at most four crops, so each round's DP-SGD release has sample rate 1 at every site and the
+budget can be placed from the accountant alone. The run config keeps the sites' work small (one local step).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 import signal
 import socket
 import ssl
-from pathlib import Path
+import time
 
 import numpy as np
 import pytest
 
-from megaportrait.client.federation import LEDGER_FILE, SitePrivacyLedger
+from megaportrait.client.federation import LEDGER_FILE, SiteConsent, SitePrivacyLedger, \
+    identity_settings_from_run_config, record_federated_consent
 from megaportrait.server.coordinator.checkpoint import load_checkpoint
-from megaportrait.server.coordinator.deployment import LocalFederation, serverapp_processes
+from megaportrait.server.coordinator.deployment import LocalFederation, default_run_config, serverapp_processes
 
 pytestmark = pytest.mark.slow
 
 SITES = ("site-a", "site-b", "site-c")
+RUN = {"num-server-rounds": 3, "secure-aggregation": True, "local-steps": 1, "round-timeout": 120.0}
 
 
-def outbox_entries(fed: LocalFederation, site: str) -> list[dict]:
-    index = fed.site_state_dir(site) / "outbox" / "outbox.jsonl"
-    return [json.loads(line) for line in index.read_text().splitlines()] if index.is_file() else []
+def epsilon_after(rounds: int, steps: int) -> float:
+    """A site's epsilon after `rounds` releases of `steps` DP-SGD steps at sample rate 1, from Opacus' accountant
+    (as `SitePrivacyLedger.epsilon` composes them)."""
+    from opacus.accountants import create_accountant
+
+    settings = identity_settings_from_run_config({**default_run_config(), **RUN})
+    accountant = create_accountant(settings.accountant)
+    accountant.history = [(settings.noise_multiplier, 1.0, steps)] * rounds
+    return float(accountant.get_epsilon(settings.delta))
+
+
+def ledger_of(fed: LocalFederation, site: str) -> SitePrivacyLedger:
+    return SitePrivacyLedger(fed.site_state_dir(site) / LEDGER_FILE)
+
+
+def read_status(state_dir) -> dict:
+    path = state_dir / "status.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @pytest.fixture(scope="module")
@@ -42,39 +65,61 @@ def federation(tmp_path_factory, people, templates, astronaut):
 
     root = tmp_path_factory.mktemp("deployment")
     photos = root / "photos"
-    for site, person, files in (("site-a", "obama", people["obama"]), ("site-b", "biden", people["biden"])):
-        (photos / site / person).mkdir(parents=True)
-        for f in files:
-            shutil.copy(f, photos / site / person / f.name)
-    (photos / "site-b" / "astronaut").mkdir()
-    Image.fromarray(astronaut).save(photos / "site-b" / "astronaut" / "astronaut.png")
-    for i, f in enumerate(templates[3:6]):
-        (photos / "site-c" / f"template-{i}").mkdir(parents=True)
-        shutil.copy(f, photos / "site-c" / f"template-{i}" / f.name)
-    fed = LocalFederation(sites={s: photos / s for s in SITES}, root=root / "federation")
+    plan = {"site-a": {"person-obama": people["obama"][:2]}, "site-b": {"person-biden": people["biden"][:1]},
+            "site-c": {"person-template": templates[3:4]}}
+    for site, persons in plan.items():
+        for person, files in persons.items():
+            (photos / site / person).mkdir(parents=True)
+            for f in files:
+                shutil.copy(f, photos / site / person / f.name)
+    (photos / "site-b" / "person-astronaut").mkdir()
+    Image.fromarray(astronaut).save(photos / "site-b" / "person-astronaut" / "astronaut.png")
+    consent = {}
+    for site in SITES:
+        consent[site] = SiteConsent.in_folder(root / "consent" / site)
+        record_federated_consent(consent[site], site, sorted(p.name for p in (photos / site).iterdir()),
+                                 actor="test")
+    fed = LocalFederation(sites={s: photos / s for s in SITES}, root=root / "federation", consent=consent)
     with fed:
         yield fed
 
 
 @pytest.fixture(scope="module")
-def secagg_run_with_dropout(federation):
+def job(federation):
+    """Runs A and B (see the module docstring); what the tests inspect afterwards."""
     fed = federation
-    run_id = fed.run({"num-server-rounds": 2, "secure-aggregation": True, "round-timeout": 300.0,
-                      "state-dir": str(fed.root / "coordinator-a")})
+    state_dir = fed.root / "coordinator"
+    budget = (epsilon_after(2, RUN["local-steps"]) + epsilon_after(3, RUN["local-steps"])) / 2
+    config = {**RUN, "epsilon-budget-per-site": budget, "state-dir": str(state_dir)}
+    started = time.monotonic()
+    run_a = fed.run(config)
+    fed.wait_for(lambda: (c := load_checkpoint(state_dir)) is not None and c.round == 1, 420, "round 1", poll=0.2)
+    coordinators = fed.wait_for(lambda: serverapp_processes(fed.superlink), 10, "the serverapp process", poll=0.2)
+    for process in coordinators:
+        process.send_signal(signal.SIGKILL)
+    status_after_kill = read_status(state_dir)
+    killed_coordinator_at = time.monotonic() - started
+    # The operator's step after a coordinator crash: tell the SuperLink the dead run is over (else the sites keep
+    # retrying its last messages until the SuperLink misses the dead process's heartbeat), then start a new run.
+    fed.stop_run(run_a)
+    run_b = fed.run(config)
 
-    def site_c_got_round2_training_request():
+    def site_c_got_round2_training_request() -> bool:
         # SecAgg+ sends three train messages before unmasking: setup, share_keys, collect_masked_vectors. The third
-        # reaching site-c means its key shares were delivered and it is now training: kill it there.
+        # reaching site-c means its key shares were delivered and it is now training: kill it there. (Flower's
+        # SecAgg+ workflow numbers its groups within the run: run B's first round, round 2 overall, is "ROUND 1".)
         log = fed.supernodes["site-c"].log_text()
-        return len(re.findall(rf"\[RUN {run_id}, ROUND 2\][^\n]*\n[^\n]*Receiving: train message", log)) >= 3
+        return len(re.findall(rf"\[RUN {run_b}, ROUND 1\][^\n]*\n[^\n]*Receiving: train message", log)) >= 3
 
-    fed.wait_for(site_c_got_round2_training_request, 600, "site-c's round-2 training request")
+    fed.wait_for(site_c_got_round2_training_request, 420, "site-c's round-2 training request", poll=0.2)
     fed.supernodes["site-c"].kill()
-    status_path = fed.root / "coordinator-a" / "status.json"
-    fed.wait_for(lambda: status_path.is_file() and json.loads(status_path.read_text())["state"] == "finished",
-                 600, "the end of the run")
-    fed.start_site("site-c")  # back for the next scenarios (same key, same registration)
-    return {"run_id": run_id, "state_dir": fed.root / "coordinator-a", "status": json.loads(status_path.read_text())}
+    killed_site_at = time.monotonic() - started
+    fed.wait_for(lambda: read_status(state_dir).get("run_id") == str(run_b)
+                 and read_status(state_dir)["state"] == "finished", 420, "the end of run B", poll=0.5)
+    print(f"\ndeployment job: coordinator killed after {killed_coordinator_at:.0f} s, site-c after "
+          f"{killed_site_at:.0f} s, both runs done after {time.monotonic() - started:.0f} s")
+    return {"run_a": run_a, "run_b": run_b, "state_dir": state_dir, "budget": budget,
+            "status_after_kill": status_after_kill, "status": read_status(state_dir)}
 
 
 def test_superlink_serves_tls_with_our_ca_and_refuses_plain_text(federation):
@@ -90,63 +135,69 @@ def test_superlink_serves_tls_with_our_ca_and_refuses_plain_text(federation):
     assert len(set(fed.node_ids.values())) == 3  # three registered (authenticated) SuperNodes
 
 
-def test_two_rounds_over_tls_change_the_global_adapter_and_track_site_epsilon(federation, secagg_run_with_dropout):
-    run = secagg_run_with_dropout
-    assert run["status"]["state"] == "finished" and run["status"]["round"] == 2
-    initial, final = load_checkpoint(run["state_dir"], round=0), load_checkpoint(run["state_dir"])
-    assert final.round == 2
-    assert max(float(np.abs(a - b).max()) for a, b in zip(final.arrays, initial.arrays)) > 1e-4
-    budget = json.loads((run["state_dir"] / "budget.json").read_text())["sites"]
+def test_two_rounds_over_tls_change_the_global_adapter_and_track_site_epsilon(federation, job):
+    state_dir = job["state_dir"]
+    assert job["status"]["state"] == "finished" and job["status"]["round"] == 2
+    initial, one, two = (load_checkpoint(state_dir, round=r) for r in (0, 1, 2))
+    for before, after in ((initial, one), (one, two)):
+        assert max(float(np.abs(a - b).max()) for a, b in zip(after.arrays, before.arrays)) > 1e-4
+    budget = json.loads((state_dir / "budget.json").read_text())["sites"]
     for site in SITES:
-        ledger = SitePrivacyLedger(federation.site_state_dir(site) / LEDGER_FILE)
+        ledger = ledger_of(federation, site)
         assert ledger.epsilon() > 0
         # the coordinator's figure is the site accountant's own
         assert budget[site]["epsilon"] == pytest.approx(ledger.epsilon())
     assert budget["site-a"]["rounds"] == [1, 2] and budget["site-b"]["rounds"] == [1, 2]
+    for site in ("site-a", "site-b"):
+        assert ledger_of(federation, site).epsilon() == pytest.approx(epsilon_after(2, RUN["local-steps"]))
 
 
-def test_a_site_killed_mid_round_leaves_the_round_to_the_others(federation, secagg_run_with_dropout):
-    run = secagg_run_with_dropout
-    assert sorted(load_checkpoint(run["state_dir"], round=1).sites) == list(SITES)
-    assert sorted(load_checkpoint(run["state_dir"], round=2).sites) == ["site-a", "site-b"]
+def test_each_deployed_site_checked_consent_and_audited_what_it_trained_on(federation, job):
+    from megaportrait.shared import audit
+
+    for site, rounds in (("site-a", [1, 2]), ("site-b", [1, 2]), ("site-c", [1])):
+        log = federation.consent[site].audit_log
+        people = sorted(p.name for p in federation.sites[site].iterdir())
+        checks = {(e.person, e.outcome) for e in audit.read_entries(log) if e.action == "consent.check"}
+        assert checks == {(person, "ok") for person in people}
+        trained = [e for e in audit.read_entries(log) if e.action == "federation.train" and e.outcome == "ok"]
+        assert [e.detail["round"] for e in trained] == rounds
+        photos = {hashlib.sha256(p.read_bytes()).hexdigest() for p in federation.sites[site].rglob("*") if p.is_file()}
+        assert all(set(e.data) <= photos and e.data for e in trained)
+
+
+def test_a_site_killed_mid_round_leaves_the_round_to_the_others(federation, job):
+    state_dir = job["state_dir"]
+    assert sorted(load_checkpoint(state_dir, round=1).sites) == list(SITES)
+    assert sorted(load_checkpoint(state_dir, round=2).sites) == ["site-a", "site-b"]
     # site-c was killed after sharing its keys and before training: it released nothing in round 2
-    assert len(SitePrivacyLedger(federation.site_state_dir("site-c") / LEDGER_FILE).history) == 1
-    budget = json.loads((run["state_dir"] / "budget.json").read_text())["sites"]
-    assert budget["site-c"]["rounds"] == [1]
-
-
-def test_coordinator_killed_after_round_one_resumes_from_its_checkpoint(federation, secagg_run_with_dropout):
-    fed = federation
-    state_dir = fed.root / "coordinator-b"
-    config = {"num-server-rounds": 2, "secure-aggregation": False, "round-timeout": 300.0,
-              "epsilon-budget-per-site": 100.0, "state-dir": str(state_dir)}
-    first_run = fed.run(config)
-    fed.wait_for(lambda: (c := load_checkpoint(state_dir)) is not None and c.round == 1, 300, "round 1")
-    coordinators = fed.wait_for(lambda: serverapp_processes(fed.superlink), 10, "the serverapp process")
-    for process in coordinators:
-        process.send_signal(signal.SIGKILL)
-    status = json.loads((state_dir / "status.json").read_text())
-    assert status["state"] == "running" and status["round"] == 1  # it died mid-run
-    second_run = fed.run(config)
-    fed.wait_for(lambda: json.loads((state_dir / "status.json").read_text()).get("run_id") == str(second_run)
-                 and json.loads((state_dir / "status.json").read_text())["state"] == "finished", 300, "resumed run")
-    one, two = load_checkpoint(state_dir, round=1), load_checkpoint(state_dir, round=2)
-    assert one.meta["run_id"] == str(first_run) and two.meta["run_id"] == str(second_run)
-    assert two.meta["resumed_from"] == 1
-    assert any(not np.allclose(a, b) for a, b in zip(one.arrays, two.arrays))
-
-
-def test_sites_over_budget_are_refused_and_nothing_trains(federation, secagg_run_with_dropout):
-    fed = federation
-    state_dir = fed.root / "coordinator-c"
-    histories = {s: len(SitePrivacyLedger(fed.site_state_dir(s) / LEDGER_FILE).history) for s in SITES}
-    run_id = fed.run({"num-server-rounds": 1, "secure-aggregation": False, "round-timeout": 300.0,
-                      "epsilon-budget-per-site": 1.0, "state-dir": str(state_dir)})
-    fed.wait_for(lambda: (state_dir / "status.json").is_file()
-                 and json.loads((state_dir / "status.json").read_text())["state"] == "finished", 240, "refusals")
+    assert [r["round"] for r in ledger_of(federation, "site-c").rounds] == [1]
     budget = json.loads((state_dir / "budget.json").read_text())["sites"]
-    assert sorted(budget) == list(SITES)
-    for site in SITES:
-        assert budget[site]["refused"] and budget[site]["refused"][0]["epsilon_next"] > 1.0
-        assert len(SitePrivacyLedger(fed.site_state_dir(site) / LEDGER_FILE).history) == histories[site]
-    assert load_checkpoint(state_dir).round == 0 and run_id
+    assert budget["site-c"]["rounds"] == [1]
+    assert sorted(job["status"]["round_reports"]["2"]["admitted"]) == list(SITES)  # it was in the round when it died
+
+
+def test_coordinator_killed_mid_run_resumes_from_its_checkpoint(federation, job):
+    state_dir = job["state_dir"]
+    assert job["status_after_kill"]["state"] == "running" and job["status_after_kill"]["round"] == 1
+    assert job["status_after_kill"]["run_id"] == str(job["run_a"])
+    one, two = load_checkpoint(state_dir, round=1), load_checkpoint(state_dir, round=2)
+    assert one.meta["run_id"] == str(job["run_a"]) and two.meta["run_id"] == str(job["run_b"])
+    assert two.meta["resumed_from"] == 1 and job["status"]["run_id"] == str(job["run_b"])
+    assert any(not np.allclose(a, b) for a, b in zip(one.arrays, two.arrays))
+    for site in SITES:  # the killed run trained round 1 only; the resumed run took over at round 2
+        rounds = [(r["run"], r["round"]) for r in ledger_of(federation, site).rounds]
+        assert [r for r in rounds if r[0] == str(job["run_a"])] == [(str(job["run_a"]), 1)]
+
+
+def test_sites_over_budget_are_refused_and_nothing_trains(federation, job):
+    state_dir = job["state_dir"]
+    report = job["status"]["round_reports"]["3"]
+    assert sorted(report["refused"]) == ["site-a", "site-b"] and report["admitted"] == []
+    budget = json.loads((state_dir / "budget.json").read_text())["sites"]
+    for site in ("site-a", "site-b"):
+        refusal = budget[site]["refused"][-1]
+        assert refusal["round"] == 3 and refusal["epsilon_next"] > job["budget"] >= budget[site]["epsilon"]
+        assert refusal["epsilon_next"] == pytest.approx(epsilon_after(3, RUN["local-steps"]))
+        assert len(ledger_of(federation, site).history) == 2  # refused: no third release
+    assert load_checkpoint(state_dir).round == 2
