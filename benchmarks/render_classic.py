@@ -4,7 +4,9 @@ The process is pinned to one core (sched_setaffinity), OpenCV runs single-thread
 OMP/BLAS pools get one thread. Templates are the 10 real portraits resized so their long side is 512 or 1024 px;
 the identity payload is Obama's intake crops (512 px). Each size: one warm-up render, then one render per template.
 "Seconds per portrait" is the whole `ClassicBackend.render` call, including template face analysis and the
-metadata scoring of the output (detection, mesh, SFace); `render_only_s` leaves that scoring out.
+metadata scoring of the output (detection, mesh, SFace); `render_only_s` leaves that scoring out. Wall time counts
+time the pinned core spent on other processes (the machine is shared): `cpu_seconds_per_portrait_mean` (this
+process's CPU time per render) and the load average show how much that was.
 Peak memory: the process's peak resident set (models included) and the tracemalloc peak of one render's Python/NumPy
 allocations. Writes benchmarks/results/render_classic.json. Run: `.venv/bin/python benchmarks/render_classic.py`.
 """
@@ -66,12 +68,14 @@ def main() -> None:
         scaled = [_resized(t, size) for t in templates]
         backend.render("warmup", scaled[0], payload, stages=StageSwitches(), seed=0, params={},
                        progress=lambda s, f: None)
-        totals, render_only, stages = [], [], {}
+        totals, cpu, render_only, stages, sigmas = [], [], [], {}, []
         for i, template in enumerate(track(scaled, description=f"classic render {size}px")):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             portrait = backend.render(f"bench-{size}-{i}", template, payload, stages=StageSwitches(), seed=0,
                                       params={}, progress=lambda s, f: None)
             totals.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+            sigmas.append(portrait.metadata["shading"]["sigma"])
             secs = portrait.metadata["seconds"]
             render_only.append(totals[-1] - secs["score"])
             for k, v in secs.items():
@@ -86,7 +90,9 @@ def main() -> None:
             "seconds_per_portrait_mean": round(statistics.mean(totals), 4),
             "seconds_per_portrait_median": round(statistics.median(totals), 4),
             "seconds_per_portrait_max": round(max(totals), 4),
+            "cpu_seconds_per_portrait_mean": round(statistics.mean(cpu), 4),
             "render_only_s_mean": round(statistics.mean(render_only), 4),
+            "shading_sigma_chosen": sorted(sigmas),
             "stage_seconds_mean": {k: round(statistics.mean(v), 4) for k, v in stages.items()},
             "traced_peak_mib_one_render": round(traced_peak / 2**20, 1),
             "under_1s_target": statistics.mean(totals) < 1.0,
@@ -100,6 +106,7 @@ def main() -> None:
         "payload": {"person": "obama", "crops": len(payload.crops), "crop_size": 512},
         "results": results,
         "peak_rss_mib_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
         "target": "under 1 s per portrait at 1024 px on one CPU core",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,15 @@ What each ablation means:
 - harmonize off: the (shaded) face is cut in along the person's face oval with a hard edge, template untouched.
 `identity` only is the naive paste.
 
+Shading scale. How finely the template's light is transferred is a trade: a coarse shading field keeps the
+person's own facial structure (identity), a fine one follows the template's light more closely. Which scale is
+needed depends on the pair (a flat-lit template, or a person whose skin is much darker or lighter than the
+template's, needs a finer one), so by default (`lighting_target` > 0) each render searches for the coarsest scale
+whose quick low-resolution preview of the final composite (same masks, tone-moved body and pyramid blend) reaches
+the target lighting correlation with the template, measured as issue 10's criterion (c)
+(`portrait_metrics.lighting_correlation` over the template's face box). The scale used and the preview's figure are
+reported in the metadata under "shading". With `lighting_target=0` the scale is `shading_sigma`, fixed.
+
 `ClassicBackend.render` follows `server.render.backends.RenderBackend`; `render_detailed` also returns the blend mask
 and intermediate layers for tests and the evaluation harness.
 """
@@ -14,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import cv2
 import numpy as np
@@ -31,11 +40,15 @@ from megaportrait.shared.skin_tone import face_ita
 from .harmonize import (HarmonizeParams, PersonSegmenter, laplacian_blend, match_grain, noise_level, recolor_skin,
                         refine_mask, skin_search_region, skin_tone, skin_weight, to_lab)
 from .paste import face_region_mask, paste_face
-from .shading import ShadingParams, mesh_normal_map, shade_face
+from .shading import (ShadingParams, mesh_normal_map, preview_gain, relight, search_shading_sigma, shade_face,
+                      srgb_to_linear, with_sigma)
 
 log = logging.getLogger("megaportrait.render.classic")
 
 BACKEND_NAME = "classic"
+PREVIEW_FACE_PX = 96.0
+"""Face width at which the shading-scale search previews its composites (the lighting figure looks at the face
+box through a 64x64 low-pass, so this loses nothing it measures)."""
 
 
 class TemplateHasNoFace(MegaPortraitError):
@@ -67,8 +80,10 @@ class ClassicParams:
     source_crop: index of the crop in the FaceCropSet whose face is pasted (the site orders crops by preference).
     forehead, grow: how far the pasted region reaches beyond the person's mesh face oval (`paste.face_region_mask`):
         the upper half stretched up by `forehead` x the oval height (hairline and upper forehead carry much of a
-        person's look), the whole oval grown by `grow`.
-    feature_weight: 0..1, weight of eyes/brows/lips when estimating shading (0: skin only).
+        person's look), the whole oval grown by `grow` (the person's own face outline, jaw and ears carry identity;
+        what comes along from their photo around the face takes the template's brightness, see `periphery`).
+    feature_weight: 0..1, weight of eyes/brows/lips when estimating shading (0: skin only; 1: the whole face oval,
+        so the dark blobs of the person's own photo light around the eyes are divided out like any other shading).
     forehead_shading: 0..1, weight of the stretched forehead (above the mesh oval) when estimating shading, so the
         template's light on its upper forehead carries over.
     The rest are the stage parameters, documented in `ShadingParams` and `HarmonizeParams`.
@@ -77,17 +92,20 @@ class ClassicParams:
 
     source_crop: int = 0
     forehead: float = 0.5
-    grow: float = 0.05
+    grow: float = 0.2
     shading_sigma: float = ShadingParams.shading_sigma
     periphery: float = ShadingParams.periphery
     detail: float = ShadingParams.detail
     sh_light: bool = ShadingParams.sh_light
     max_gain: float = ShadingParams.max_gain
     style_levels: int = ShadingParams.style_levels
-    feature_weight: float = 0.0
+    feature_weight: float = 1.0
     forehead_shading: float = 0.5
     gain_min: float = ShadingParams.gain_min
     gain_max: float = ShadingParams.gain_max
+    periphery_sigma: float = ShadingParams.periphery_sigma
+    lighting_target: float = ShadingParams.lighting_target
+    min_sigma: float = ShadingParams.min_sigma
     erode: float = HarmonizeParams.erode
     feather: float = HarmonizeParams.feather
     pyramid_levels: int = HarmonizeParams.pyramid_levels
@@ -131,6 +149,9 @@ class ClassicParams:
             "style_levels": 0 <= parsed.style_levels <= 8,
             "gain_min": 0.0 < parsed.gain_min <= 1.0,
             "gain_max": 1.0 <= parsed.gain_max <= 10.0,
+            "periphery_sigma": 0.1 <= parsed.periphery_sigma <= 2.0,
+            "lighting_target": 0.0 <= parsed.lighting_target < 1.0,
+            "min_sigma": 0.005 <= parsed.min_sigma <= 1.0,
             "forehead": 0.0 <= parsed.forehead <= 1.0,
             "grow": 0.0 <= parsed.grow <= 0.5,
             "erode": 0.0 <= parsed.erode <= 0.3,
@@ -144,7 +165,8 @@ class ClassicParams:
 
     def shading(self) -> ShadingParams:
         return ShadingParams(self.shading_sigma, self.periphery, self.detail, self.max_gain, self.sh_light,
-                             self.style_levels, self.gain_min, self.gain_max)
+                             self.style_levels, self.gain_min, self.gain_max, self.periphery_sigma,
+                             self.lighting_target, self.min_sigma)
 
     def harmonize(self) -> HarmonizeParams:
         return HarmonizeParams(self.erode, self.feather, self.pyramid_levels, self.tone_transfer, self.grain,
@@ -218,7 +240,9 @@ class ClassicBackend:
 
         metadata: backend, stages, params (all, resolved), seed, identity_score (SFace cosine of the output's face to
         the payload's mean embedding), ita {person, template, output}, fallbacks (named, empty if none), provenance
-        (the AI-generated label), plus embedder, template_sha256, source_sha256, person_ref and seconds per stage.
+        (the AI-generated label), plus embedder, template_sha256, source_sha256, person_ref, seconds per stage and
+        shading {sigma: the shading scale used (None when shading did not run), preview_lighting: the search's
+        preview figure (None without a search)}.
         """
         if not isinstance(identity, FaceCropSet):
             raise UnsupportedIdentityPayload(f"classic backend needs a FaceCropSet, got {type(identity).__name__}")
@@ -256,10 +280,26 @@ class ClassicBackend:
 
         rows, cols = _roi(cv2.bitwise_or(person_oval, template_oval), int(0.5 * face_px))
         region = cv2.GaussianBlur(person_oval[rows, cols].astype(np.float32) / 255.0, (0, 0), max(1.0, 0.02 * face_px))
+        hp = p.harmonize()
+        # What harmonization will do is settled first: the shading scale search previews the composite.
+        t = time.perf_counter()
+        if stages.harmonize:
+            mask = refine_mask(person_oval, template_oval, face_px, hp)
+        else:
+            mask = (person_oval > 0).astype(np.float32)
+        person_prob = None
+        if stages.harmonize and hp.tone_transfer:
+            try:
+                person_prob = self._segmenter(pixels)
+            except Exception as exc:  # noqa: BLE001 - any failure of the optional model is a named fallback
+                log.warning("person segmentation failed (%s); using position alone", type(exc).__name__)
+                fallbacks.append("harmonize:no_person_mask")
+        harmonize_setup = time.perf_counter() - t
 
         # -- Shading: the template's light and photographic style on the person's face.
         progress("shading", 0.0)
         t = time.perf_counter()
+        shading_info = {"sigma": None, "preview_lighting": None}
         if stages.shading and stages.identity:
             layer = layer.copy()
             fw = p.feature_weight
@@ -273,15 +313,31 @@ class ClassicBackend:
                 t_top = face_region_mask(tface, shape, p.forehead) & ~template_oval
                 p_skin = np.maximum(p_skin, p.forehead_shading * p_top[rows, cols].astype(np.float32) / 255.0)
                 t_skin = np.maximum(t_skin, p.forehead_shading * t_top[rows, cols].astype(np.float32) / 255.0)
-            layer[rows, cols] = shade_face(layer[rows, cols], pixels[rows, cols],
-                                           p_skin + fw * np.clip(p_oval - p_skin, 0, 1),
-                                           t_skin + fw * np.clip(t_oval - t_skin, 0, 1),
-                                           region, face_px, p.shading(),
-                                           cv2.GaussianBlur(p_oval, (0, 0), max(1.0, 0.03 * face_px)),
+            p_weight = p_skin + fw * np.clip(p_oval - p_skin, 0, 1)
+            t_weight = t_skin + fw * np.clip(t_oval - t_skin, 0, 1)
+            face_core = cv2.GaussianBlur(p_oval, (0, 0), max(1.0, 0.03 * face_px))
+            p_anchor = cheek_nose_mask(person_face, shape)[rows, cols].astype(np.float32) / 255.0
+            t_anchor = cheek_nose_mask(tface, shape)[rows, cols].astype(np.float32) / 255.0
+            sp = p.shading()
+            if sp.lighting_target > 0 and not sp.sh_light:
+                # (The SH light is not previewed: with it, the fixed shading_sigma only scales the detail on top.)
+                weights = (p_weight, t_weight, region, face_core, p_anchor, t_anchor)
+                tone = None
+                if stages.harmonize and hp.tone_transfer:
+                    tone = (template_oval, template_skin, person_prob, person_skin)
+                fidelity = self._lighting_preview(layer[rows, cols], pixels[rows, cols], weights, mask[rows, cols],
+                                                  (rows, cols), tface, face_px, sp, tone,
+                                                  hp.pyramid_levels if stages.harmonize else 0)
+                sigma, estimate = search_shading_sigma(fidelity, sp)
+                sp = with_sigma(sp, sigma)
+                shading_info = {"sigma": round(sigma, 4), "preview_lighting": round(estimate, 4)}
+            else:
+                shading_info = {"sigma": sp.shading_sigma, "preview_lighting": None}
+            layer[rows, cols] = shade_face(layer[rows, cols], pixels[rows, cols], p_weight, t_weight,
+                                           region, face_px, sp, face_core,
                                            *(self._normals(person_face, tface, rows, cols, face_px, fallbacks)
                                              if p.sh_light else (None, None)),
-                                           cheek_nose_mask(person_face, shape)[rows, cols].astype(np.float32) / 255.0,
-                                           cheek_nose_mask(tface, shape)[rows, cols].astype(np.float32) / 255.0)
+                                           p_anchor, t_anchor)
         timings["shading"] = time.perf_counter() - t
         progress("shading", 1.0)
 
@@ -289,20 +345,12 @@ class ClassicBackend:
         progress("harmonize", 0.0)
         t = time.perf_counter()
         if stages.harmonize:
-            hp = p.harmonize()
-            mask = refine_mask(person_oval, template_oval, face_px, hp)
             body = pixels
             if hp.tone_transfer:
                 if stages.identity:
                     person_tone = skin_tone(to_lab(layer[rows, cols]), person_skin[rows, cols])
                 else:
                     person_tone = skin_tone(to_lab(crop.pixels), skin_mask(crop.face, crop.pixels.shape[:2]))
-                try:
-                    person_prob = self._segmenter(pixels)
-                except Exception as exc:  # noqa: BLE001 - any failure of the optional model is a named fallback
-                    log.warning("person segmentation failed (%s); using position alone", type(exc).__name__)
-                    fallbacks.append("harmonize:no_person_mask")
-                    person_prob = None
                 body = self._tone_body(pixels, template_oval, template_skin, tface, face_px, person_prob, person_tone)
                 if not stages.identity:
                     layer = body
@@ -313,20 +361,71 @@ class ClassicBackend:
             out = body.copy()
             out[rows, cols] = laplacian_blend(fg, body[rows, cols], mask[rows, cols], hp.pyramid_levels)
         else:
-            mask = (person_oval > 0).astype(np.float32)
             out = np.where(person_oval[..., None] > 0, layer, pixels)
-        timings["harmonize"] = time.perf_counter() - t
+        timings["harmonize"] = time.perf_counter() - t + harmonize_setup
         progress("harmonize", 1.0)
 
         t = time.perf_counter()
         metadata = self._metadata(out, identity, crop, tface, stages, p, seed, fallbacks, template)
         timings["score"] = time.perf_counter() - t
+        metadata["shading"] = shading_info
         metadata["seconds"] = {k: round(v, 4) for k, v in timings.items()}
         log.info("classic render %s: stages=%s identity=%s fallbacks=%s", short_hash(job_id),
                  ",".join(stages.enabled()), metadata["identity_score"], metadata["fallbacks"])
         portrait = Portrait(job_id=job_id, pixels=out, metadata=metadata)
         return ClassicRender(portrait=portrait, face_layer=layer, blend_mask=mask, template_face=tface,
                              person_face=person_face)
+
+    def _lighting_preview(self, person: np.ndarray, template: np.ndarray, weights: tuple, mask: np.ndarray,
+                          roi: tuple[slice, slice], tface: FaceRecord, face_px: float, params: ShadingParams,
+                          tone: tuple | None, pyramid_levels: int):
+        """A function sigma -> lighting correlation (criterion (c), `portrait_metrics.lighting_correlation` over the
+        template's face box) of a quick preview: the region of interest shrunk to a PREVIEW_FACE_PX-wide face, the
+        person relit at that shading scale and laid over the (tone-moved) template with the blend mask.
+
+        person, template: (h, w, 3) uint8 of the region of interest; weights: (person skin weight, template skin
+        weight, region, face core, person anchor, template anchor), each (h, w) float32 there; mask: (h, w) float32
+        blend mask; tone: (template oval, template skin, person probability or None, person skin), full frame, to
+        preview the template's skin moved to the person's tone, or None when harmonization will not do that;
+        pyramid_levels: harmonization's Laplacian blend levels at full size, or 0 for its hard paste (harmonize
+        off)."""
+        rows, cols = roi
+        h, w = person.shape[:2]
+        scale = min(1.0, PREVIEW_FACE_PX / max(face_px, 1.0))
+        size = (max(8, round(w * scale)), max(8, round(h * scale)))
+
+        def small(a: np.ndarray, interp: int = cv2.INTER_AREA) -> np.ndarray:
+            return a if scale == 1.0 else cv2.resize(a, size, interpolation=interp)
+
+        p_s, t_s, m_s = small(person), small(template), small(mask)
+        w_s = [small(a) for a in weights]
+        sx, sy = size[0] / w, size[1] / h
+        x, y, bw, bh = tface.box
+        box = ((x - cols.start) * sx, (y - rows.start) * sy, bw * sx, bh * sy)
+        body = t_s
+        if tone is not None:
+            t_oval, t_skin, prob, p_skin = tone
+            near = cv2.INTER_NEAREST
+            person_tone = skin_tone(to_lab(p_s), small(p_skin[rows, cols], near))
+            moved = (tface.landmarks5 - [cols.start, rows.start]) * [sx, sy]
+            face_s = replace(tface, landmarks5=moved.astype(np.float32))
+            body = self._tone_body(t_s, small(t_oval[rows, cols], near), small(t_skin[rows, cols], near), face_s,
+                                   face_px * scale, None if prob is None else small(prob[rows, cols]), person_tone)
+        p_lin = srgb_to_linear(p_s)
+        # The same blend as harmonization's, its pyramid shortened by the octaves the preview was shrunk by.
+        levels = max(1, pyramid_levels - int(round(np.log2(1.0 / scale)))) if pyramid_levels else 0
+
+        def fidelity(sigma: float) -> float:
+            gain = preview_gain(p_s, t_s, w_s[0], w_s[1], w_s[2], face_px * scale, with_sigma(params, sigma), w_s[3],
+                                w_s[4], w_s[5])
+            relit = relight(p_lin, gain, w_s[4])
+            if levels:
+                composite = laplacian_blend(relit, body, m_s, levels)
+            else:
+                composite = np.where(m_s[..., None] > 0.5, relit, body)
+            return portrait_metrics.lighting_correlation(composite, t_s, box)
+
+        return fidelity
 
     @staticmethod
     def _tone_body(pixels: np.ndarray, template_oval: np.ndarray, template_skin: np.ndarray, tface: FaceRecord,

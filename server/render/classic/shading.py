@@ -2,11 +2,17 @@
 
 Two steps, both in log-luminance so colour (chromaticity) and the person's own skin tone are kept:
 1. Relighting. A face image is (albedo x shading); at a coarse scale the shading dominates. Each face's shading
-   field is the skin-masked low-pass of its linear luminance (masked so eyes, brows and lips do not count as
-   shadow), divided by its mean over an anchor: the central cheek/nose skin where skin tone is read. The person's
-   field is divided out and the template's multiplied in: the person keeps the level and colour of that skin, the
-   template's light direction and falloff replace theirs. Optionally (`sh_light`) the light is instead a
-   first-order spherical-harmonics fit on normals derived from each face's mesh, applied on the person's normals.
+   field is the skin-masked low-pass of its linear luminance (the mask says how much eyes, brows and lips count
+   as shadow; the backend's `feature_weight`), divided by its mean over an anchor: the central cheek/nose skin
+   where skin tone is read. The person's field is divided out and the template's multiplied in: the person keeps
+   the level and colour of that skin, the template's light direction and falloff replace theirs. Outside the
+   person's face oval (what the paste carries along: their ears, hair, the photo's background) both fields are
+   plain low-passes at a finer scale (`periphery`, `periphery_sigma`), so the template's light and dark areas
+   there come through at the person's tone level. A final shift keeps the median luminance of the person's
+   cheek/nose skin exactly (`relight`), so the measured skin tone stays the person's. Optionally (`sh_light`) the
+   light is instead a first-order spherical-harmonics fit on normals derived from each face's mesh, applied on the
+   person's normals. The scale of the fields can be searched per render (`search_shading_sigma`, driven by the
+   backend's preview).
 2. Style (off by default, see `ShadingParams`). As in multi-scale local-statistics transfer for headshots, each band of a Laplacian stack of the person's
    log-luminance is scaled by sqrt(local energy of the template's band / local energy of the person's band), so
    contrast and sharpness at each scale follow the template's photograph (gains clamped to stay stable).
@@ -16,7 +22,8 @@ template frame, with the person's face already aligned onto the template's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -30,24 +37,36 @@ class ShadingParams:
 
     shading_sigma: scale of the transferred lighting, as a fraction of the face width (smaller = finer shading and
         lighting closer to the template's, but more of the template's face comes through and identity drops).
-    periphery: 0..1, how much the hair/background carried along with the paste also takes the template's
-        brightness pattern (costs identity on the acceptance pairs, so 0).
+        With `lighting_target` > 0 this is the coarsest scale tried (see `search_shading_sigma`).
+    periphery: 0..1, how much the region carried along with the paste outside the person's face oval (their ears,
+        hair, the photo's background) takes the template's brightness pattern there (unmasked low-pass) instead
+        of the light extrapolated from the face skin. At 1 the template's light and dark areas around the face
+        (hair, shadowed neck, background) come through at the person's tone level.
     detail: with `sh_light`, the share of finer ratio shading added on top of the SH light.
     max_gain: clamp of the relighting gain (a factor; 0 = no clamp).
     sh_light: relight with a first-order spherical-harmonics light fitted on mesh normals (keeps the person's
         shape exactly) instead of the ratio shading alone. Measured worse on identity here, so off by default.
     style_levels, gain_min, gain_max: multi-scale local-contrast transfer (bands and gain clamp); 0 levels = off,
         as it lowered identity and skin-tone margins on the acceptance pairs.
+    periphery_sigma: scale of the periphery's field relative to `shading_sigma` (the periphery carries no identity,
+        so it can follow the template more closely than the face).
+    lighting_target: 0..1; when > 0, the backend searches the shading scale between `shading_sigma` (coarsest) and
+        `min_sigma` (finest) for the coarsest one whose preview reaches this lighting correlation with the template
+        (issue 10's criterion (c), `portrait_metrics.lighting_correlation`); 0 = always `shading_sigma`.
+    min_sigma: the finest shading scale the search may go to.
     """
 
-    shading_sigma: float = 0.11
-    periphery: float = 0.0
+    shading_sigma: float = 0.24
+    periphery: float = 1.0
     detail: float = 0.5
     max_gain: float = 0.0
     sh_light: bool = False
     style_levels: int = 0
     gain_min: float = 0.5
     gain_max: float = 2.5
+    periphery_sigma: float = 0.4
+    lighting_target: float = 0.92
+    min_sigma: float = 0.03
 
 
 def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:
@@ -68,26 +87,52 @@ def luminance(lin: np.ndarray) -> np.ndarray:
     return (lin @ np.array([0.2126, 0.7152, 0.0722], np.float32)).astype(np.float32)
 
 
+BLUR_DIRECT_MAX_SIGMA = 6.0
+"""Gaussian blurs wider than this (in pixels) are run on a shrunk copy (see `wide_blur`)."""
+
+
+def wide_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a 2D float32 image, fast for wide kernels: above BLUR_DIRECT_MAX_SIGMA the image is
+    area-shrunk so the kernel is about 5 px there, blurred, and bilinearly enlarged back (the blur the shrink and
+    the enlargement add is taken off the kernel). The cost no longer grows with sigma; the result is smooth at
+    the scale of sigma either way (away from the borders, differences from the direct blur stay within about 1% of
+    the image's range while sigma is below a tenth of the image size)."""
+    if sigma <= BLUR_DIRECT_MAX_SIGMA:
+        return cv2.GaussianBlur(image, (0, 0), sigma)
+    h, w = image.shape[:2]
+    factor = sigma / 5.0
+    size = (max(1, round(w / factor)), max(1, round(h / factor)))
+    fx, fy = w / size[0], h / size[1]
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    # Area shrinking adds a box of one small pixel (variance 1/12), bilinear enlarging a tent (variance 1/6).
+    sx = float(np.sqrt(max((sigma / fx) ** 2 - 0.25, 0.25)))
+    sy = float(np.sqrt(max((sigma / fy) ** 2 - 0.25, 0.25)))
+    small = cv2.GaussianBlur(small, (0, 0), sigmaX=sx, sigmaY=sy)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 def masked_lowpass(values: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
     """(H, W) float32 Gaussian low-pass of `values` counting only where `weight` > 0 (normalised convolution)."""
-    num = cv2.GaussianBlur(values * weight, (0, 0), sigma)
-    den = cv2.GaussianBlur(weight, (0, 0), sigma)
-    fallback = cv2.GaussianBlur(values, (0, 0), 2 * sigma)
+    num = wide_blur(values * weight, sigma)
+    den = wide_blur(weight, sigma)
+    fallback = wide_blur(values, 2 * sigma)
     # Far from any weighted pixel the ratio is noise; lean on a plain wider blur there.
     trust = np.clip(den / 0.05, 0.0, 1.0)
     return (trust * num / np.maximum(den, 1e-6) + (1 - trust) * fallback).astype(np.float32)
 
 
 def log_shading(log_y: np.ndarray, skin: np.ndarray, region: np.ndarray, sigma: float,
-                outside: np.ndarray | None = None, anchor: np.ndarray | None = None) -> np.ndarray:
+                outside: np.ndarray | None = None, anchor: np.ndarray | None = None,
+                outside_sigma: float | None = None) -> np.ndarray:
     """(H, W) float32 log shading field: skin-weighted low-pass of log luminance, zero mean over skin in `region`
     (or over `anchor` (H, W) when given: the skin whose level must stay put, e.g. the cheek/nose tone site).
 
     outside: (H, W) float32 in [0, 1], where the field should be the plain (unmasked) low-pass instead, so that
-    around the face (hair, background carried along with the paste) the brightness pattern follows as well."""
+    around the face (hair, background carried along with the paste) the brightness pattern follows as well, at
+    `outside_sigma` (default `sigma`)."""
     field = masked_lowpass(log_y, skin, sigma)
     if outside is not None:
-        field = field + outside * (cv2.GaussianBlur(log_y, (0, 0), sigma) - field)
+        field = field + outside * (wide_blur(log_y, outside_sigma or sigma) - field)
     # Zero mean over the fully weighted skin only: partly trusted pixels help shape the field, not set its level.
     w = region.astype(np.float32) * (skin >= 0.999) if anchor is None else anchor.astype(np.float32)
     return field - float((field * w).sum() / max(w.sum(), 1.0))
@@ -210,8 +255,9 @@ def _ratio_gain(person: np.ndarray, template: np.ndarray, person_skin: np.ndarra
     outside = None if face_core is None or params.periphery <= 0 else params.periphery * (1.0 - face_core)
     p_log = np.log(luminance(srgb_to_linear(person)) + _EPS)
     t_log = np.log(luminance(srgb_to_linear(template)) + _EPS)
-    gain = (log_shading(t_log, template_skin, region, sigma, outside, template_anchor)
-            - log_shading(p_log, person_skin, region, sigma, outside, person_anchor))
+    outside_sigma = max(0.5, params.periphery_sigma * sigma)
+    gain = (log_shading(t_log, template_skin, region, sigma, outside, template_anchor, outside_sigma)
+            - log_shading(p_log, person_skin, region, sigma, outside, person_anchor, outside_sigma))
     return gain if scale == 1.0 else cv2.resize(gain, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
@@ -242,7 +288,64 @@ def shade_face(person: np.ndarray, template: np.ndarray, person_skin: np.ndarray
         sh_gain = sh_relight_gain(person, template, person_skin, template_skin, person_normals, template_normals, sigma)
         residual = ratio_gain - cv2.GaussianBlur(sh_gain, (0, 0), sigma)
         gain = sh_gain + params.detail * residual
-    relit = linear_to_srgb(p_lin * np.exp(gain)[..., None])
+    relit = relight(p_lin, gain, person_anchor)
     if params.style_levels <= 0:
         return relit
     return match_local_contrast(relit, template, region, face_px, params.style_levels, params.gain_min, params.gain_max)
+
+
+def relight(p_lin: np.ndarray, gain: np.ndarray, anchor: np.ndarray | None) -> np.ndarray:
+    """(H, W, 3) uint8 sRGB: linear RGB `p_lin` times exp(`gain`) (H, W), with the gain shifted so that the median
+    luminance over `anchor` (> 0.5; the person's central cheek/nose skin, where skin tone is read) is unchanged.
+
+    Both shading fields are zero-mean over their own face's anchor, but the template's field is not zero-mean over
+    the person's anchor (the faces only roughly coincide) and a mean in log space is not a median: without the
+    lock, relighting moved the measured skin tone (ITA) by up to 15 degrees on the acceptance pairs."""
+    if anchor is not None:
+        sel = anchor > 0.5
+        if sel.any():
+            y = luminance(p_lin[sel])
+            gain = gain + float(np.log(np.median(y) + _EPS) - np.log(np.median(y * np.exp(gain[sel])) + _EPS))
+    return linear_to_srgb(p_lin * np.exp(gain)[..., None])
+
+
+def preview_gain(person: np.ndarray, template: np.ndarray, person_skin: np.ndarray, template_skin: np.ndarray,
+                 region: np.ndarray, face_px: float, params: ShadingParams, face_core: np.ndarray | None = None,
+                 person_anchor: np.ndarray | None = None, template_anchor: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) float32 log gain of the ratio relighting (what `shade_face` applies without `sh_light` and style),
+    for inputs already shrunk to a preview size (`face_px` is the face width at that size)."""
+    gain = _ratio_gain(person, template, person_skin, template_skin, region, face_px, params, face_core,
+                       person_anchor, template_anchor)
+    if params.max_gain > 0:
+        gain = np.clip(gain, -np.log(params.max_gain), np.log(params.max_gain))
+    return gain
+
+
+def search_shading_sigma(fidelity: Callable[[float], float], params: ShadingParams,
+                         steps: int = 3) -> tuple[float, float]:
+    """(sigma, fidelity) with the coarsest shading scale in [params.min_sigma, params.shading_sigma] whose
+    `fidelity(sigma)` (a preview's lighting correlation with the template) reaches params.lighting_target.
+
+    Coarser shading keeps more of the person's own facial structure (identity); finer shading follows the
+    template's light more closely. Fidelity falls as sigma grows, so: try the coarsest; if short, the finest (if
+    even that is short, it is the best there is); then `steps` bisections in log sigma. At most steps + 2 calls."""
+    hi, lo = params.shading_sigma, min(params.min_sigma, params.shading_sigma)
+    f_hi = fidelity(hi)
+    if f_hi >= params.lighting_target or lo >= hi:
+        return hi, f_hi
+    f_lo = fidelity(lo)
+    if f_lo < params.lighting_target:
+        return (lo, f_lo) if f_lo >= f_hi else (hi, f_hi)
+    for _ in range(steps):
+        mid = float(np.sqrt(lo * hi))
+        f_mid = fidelity(mid)
+        if f_mid >= params.lighting_target:
+            lo, f_lo = mid, f_mid
+        else:
+            hi = mid
+    return lo, f_lo
+
+
+def with_sigma(params: ShadingParams, sigma: float) -> ShadingParams:
+    """The params with another shading scale (the one a search settled on)."""
+    return replace(params, shading_sigma=float(sigma))

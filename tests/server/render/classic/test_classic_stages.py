@@ -13,7 +13,8 @@ from megaportrait.server.render.classic import ClassicBackend, ClassicParams, In
 from megaportrait.server.render.classic.harmonize import (laplacian_blend, match_grain, noise_level, recolor_skin,
                                                           skin_tone, to_lab)
 from megaportrait.server.render.classic.paste import paste_face, similarity_transform
-from megaportrait.server.render.classic.shading import ShadingParams, mesh_normal_map, shade_face
+from megaportrait.server.render.classic.shading import (ShadingParams, luminance, mesh_normal_map, relight,
+                                                        search_shading_sigma, shade_face, srgb_to_linear)
 from megaportrait.shared import portrait_metrics as pm
 from megaportrait.shared.config import FaceSettings
 from megaportrait.shared.face_analysis import FaceAnalyzer, face_oval_mask, skin_mask
@@ -95,6 +96,50 @@ def test_shading_moves_the_faces_light_toward_the_templates(obama, template, tem
     assert pm.lighting_correlation(relit, side_lit, box) > pm.lighting_correlation(pasted.layer, side_lit, box)
 
 
+def test_relighting_keeps_the_median_level_of_the_anchor_skin(obama):
+    """A gain that brightens one side and darkens the other leaves the anchor's median luminance where it was."""
+    crop = obama.crops[0]
+    h, w = crop.pixels.shape[:2]
+    lin = srgb_to_linear(crop.pixels)
+    gain = np.tile(np.linspace(-0.3, 0.9, w, dtype=np.float32), (h, 1))
+    anchor = np.zeros((h, w), np.float32)
+    anchor[h // 3: 2 * h // 3, w // 4: 3 * w // 4] = 1.0
+    sel = anchor > 0.5
+    before = np.median(luminance(lin)[sel])
+    after = np.median(luminance(srgb_to_linear(relight(lin, gain, anchor)))[sel])
+    assert after == pytest.approx(before, rel=0.02)
+    free = np.median(luminance(srgb_to_linear(relight(lin, gain, None)))[sel])
+    assert free > 1.1 * before, "the test gain must move the level when nothing locks it"
+
+
+def test_shading_scale_search_takes_the_coarsest_scale_that_reaches_the_target():
+    params = ShadingParams(shading_sigma=0.24, min_sigma=0.03, lighting_target=0.9)
+    calls = []
+
+    def fidelity(sigma: float) -> float:  # falls as the shading gets coarser, reaches 0.9 at sigma 0.1
+        calls.append(sigma)
+        return 1.0 - sigma
+
+    sigma, reached = search_shading_sigma(fidelity, params)
+    assert reached >= 0.9 and 0.07 <= sigma <= 0.1 and len(calls) <= 5
+    assert search_shading_sigma(lambda s: 0.95, params) == (0.24, 0.95), "coarsest first when it is enough"
+    # Out of reach: the finest scale, the best there is.
+    assert search_shading_sigma(lambda s: 0.8 - s, params)[0] == pytest.approx(0.03)
+
+
+def test_lighting_target_zero_keeps_the_fixed_scale(analyzer, obama, template):
+    backend = ClassicBackend(analyzer)
+    fixed = backend.render("a", template, obama, stages=StageSwitches(), seed=0,
+                           params={"lighting_target": 0.0, "shading_sigma": 0.15}, progress=lambda s, f: None)
+    assert fixed.metadata["shading"] == {"sigma": 0.15, "preview_lighting": None}
+    searched = backend.render("b", template, obama, stages=StageSwitches(), seed=0, params={},
+                              progress=lambda s, f: None)
+    assert searched.metadata["shading"]["preview_lighting"] >= ShadingParams.lighting_target
+    off = backend.render("c", template, obama, stages=StageSwitches(shading=False), seed=0, params={},
+                         progress=lambda s, f: None)
+    assert off.metadata["shading"] == {"sigma": None, "preview_lighting": None}
+
+
 def test_recolor_skin_reaches_the_target_tone(template, template_face):
     skin = skin_mask(template_face, template.pixels.shape[:2])
     before = skin_tone(to_lab(template.pixels), skin)
@@ -132,6 +177,10 @@ def test_params_are_checked():
         ClassicParams.from_dict({"shading_sigma": 5})
     with pytest.raises(InvalidRenderParams, match="grain"):
         ClassicParams.from_dict({"grain": "yes"})
+    with pytest.raises(InvalidRenderParams, match="lighting_target"):
+        ClassicParams.from_dict({"lighting_target": 1.5})
+    with pytest.raises(InvalidRenderParams, match="min_sigma"):
+        ClassicParams.from_dict({"min_sigma": 0.0})
 
 
 def test_missing_source_crop_index_is_refused(analyzer, obama, template):
