@@ -75,6 +75,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from megaportrait.shared.consent import FEDERATED_TRAINING_PURPOSE
 from megaportrait.shared.errors import MegaPortraitError
 
 log = logging.getLogger("megaportrait.client.federation")
@@ -85,9 +86,8 @@ PROPERTY_KEYS = ("site-id", "epsilon", "epsilon-next", "n-examples", "declined",
 LEDGER_FILE = "privacy-ledger.json"
 GLOBAL_ADAPTER_FILE = "global-adapter.npz"
 OUTBOX_DIR = "outbox"
-FEDERATED_TRAINING = "federated_training"
-"""The consent purpose a person's photos need to take part in a round (policies/consent.yaml); the same name as
-`shared.consent.FEDERATED_TRAINING_PURPOSE`, not imported so that loading this module stays light."""
+FEDERATED_TRAINING = FEDERATED_TRAINING_PURPOSE
+"""The consent purpose a person's photos need to take part in a round (policies/consent.yaml)."""
 CONSENT_ACTOR = "federation-client"
 """Who the site's consent checks and round entries are recorded as, in its audit log."""
 DECLINE_REASONS = ("consent_not_configured", "no_consented_person", "no_usable_photo")

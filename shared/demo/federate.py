@@ -242,7 +242,8 @@ def personalise_people(sites: list[Site], fed: FederationOutcome, settings: Demo
                 base = load_base(identity, settings.seed)
             t = time.perf_counter()
             adapter = personalise_adapter([a.crop for a in person.accepted], identity, person_ref=person.ref,
-                                          global_arrays=arrays, base=base, steps=settings.adapter_steps)
+                                          global_arrays=arrays, base=base, steps=settings.adapter_steps,
+                                          ledger=site.ledger, actor=ACTOR)
             rec.seconds = time.perf_counter() - t
             p = adapter.privacy
             ledger = SitePrivacyLedger(fed.site_state_dir / site.site_id / LEDGER_FILE)
