@@ -36,8 +36,6 @@ def bridge(
     service: Annotated[str, typer.Option(help="Name in megaportrait_build_info and logs, e.g. superlink.")] = "flower",
 ) -> None:
     """Serve /healthz (healthy while the upstream is) and /metrics (upstream up/latency, process) until stopped."""
-    import signal
-    import threading
     import time
 
     from prometheus_client import Gauge
@@ -67,11 +65,5 @@ def bridge(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{service}: /healthz and /metrics on {server.url}, watching {upstream}")
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    try:
-        while not done.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
+    service_health.wait_until_terminated()
     server.stop()

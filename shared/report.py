@@ -46,6 +46,17 @@ class Section:
     image_rows: list[list[Figure]] = field(default_factory=list)
 
 
+def json_default(value):
+    """`json.dumps(default=...)` for result files: numpy scalars and arrays, and paths."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
 def _data_uri(fig: Figure) -> str:
     px = fig.pixels
     scale = fig.max_side / max(px.shape[:2])

@@ -36,6 +36,19 @@ class HealthEndpointError(MegaPortraitError):
     reason = "health_unavailable"
 
 
+def wait_until_terminated() -> None:
+    """Block the main thread until SIGTERM or Ctrl-C: how every long-running service command waits."""
+    import signal
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """'host:port' (IPv6 as '[::1]:9464') -> (host, port); port 0 asks the OS for a free one."""
     host, sep, port = listen.rpartition(":")

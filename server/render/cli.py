@@ -62,8 +62,6 @@ def serve(
     is refused with its line), expired data is swept, and /healthz + /metrics are served on health.listen when set.
     The node's audit log is <state-dir>/audit/audit.jsonl unless policy.audit_log / policy.audit_key are configured.
     """
-    import signal
-    import threading
 
     from megaportrait.server.render.backends import default_registry
     from megaportrait.server.render.node import RenderNode
@@ -112,13 +110,7 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"render node {node.identity.node_id} serving on port {port} (mutual TLS); Ctrl-C stops it")
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    try:
-        while not done.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
+    service_health.wait_until_terminated()
     server.stop(grace=5).wait()
     if health is not None:
         health.stop()

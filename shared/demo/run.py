@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..report import json_default
 from .settings import DemoError, DemoSettings
 
 log = logging.getLogger("megaportrait.demo")
@@ -165,7 +166,7 @@ def run_demo(settings: DemoSettings, *, show_progress: bool = True, console=None
     summary["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     summary["report"] = str(report_path)
     summary_path = run_dir / JSON_NAME
-    summary_path.write_text(json.dumps(summary, indent=1, default=_json_default))
+    summary_path.write_text(json.dumps(summary, indent=1, default=json_default))
     return DemoOutcome(run_dir=run_dir, report=report_path, summary_path=summary_path, summary=summary)
 
 
@@ -213,14 +214,3 @@ def build_summary(settings, run_dir, roster, sites, fed, adapters, node, records
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }
 
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

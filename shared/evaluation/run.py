@@ -16,6 +16,7 @@ import numpy as np
 
 from megaportrait.shared.config import FaceSettings
 from megaportrait.shared.face_analysis import SFACE_THRESHOLD, FaceAnalyzer
+from megaportrait.shared.report import json_default
 
 from .dataset import EvaluationError, find_folders, prepare_data, spread_over_bands
 from .identity import ABLATIONS, run_ablation, summarise
@@ -240,7 +241,7 @@ def write_outputs(result: dict, examples: dict[str, np.ndarray], out_dir: Path) 
     out_dir = Path(out_dir)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / JSON_NAME}
-    paths["json"].write_text(json.dumps(result, indent=1, default=_json_default), encoding="utf-8")
+    paths["json"].write_text(json.dumps(result, indent=1, default=json_default), encoding="utf-8")
     paths["identity_plot"] = plots.plot_identity_by_stage(result["identity"]["renders"],
                                                           list(result["identity"]["by_stage"]),
                                                           result["identity"]["threshold"],
@@ -253,12 +254,3 @@ def write_outputs(result: dict, examples: dict[str, np.ndarray], out_dir: Path) 
     paths["html"] = write_summary(result, examples, paths, out_dir / REPORT_NAME)
     return paths
 
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
