@@ -28,7 +28,9 @@ What leaves the site, per round (and nothing else; `outbox_audit_mod` writes eve
 `outbox/` folder so the site can check this itself):
 
 - the global adapter's LoRA arrays after local training, clipped (masked too under SecAgg+), in the same order and
-  shapes the coordinator sent (a declined round sends back the arrays it received, with weight 0);
+  shapes the coordinator sent, with aggregation weight (`num_examples`) 1, whatever the number of crops: the
+  coordinator's central noise covers the unweighted mean of the sites' clipped updates (a declined round sends
+  back the arrays it received, with weight 0);
 - a metrics record: `site-id`, `epsilon` (cumulative, from the Opacus accountant), `delta`, `steps`,
   `n-examples` (number of crops), `round-loss`, `declined`, `decline-reason`; with adaptive clipping also Flower's
   `norm_bit` (whether the update was clipped; the coordinator noises the count);
@@ -693,8 +695,13 @@ def clipping_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
     """Flower's client-side clipping of the site's update: `adaptiveclipping_mod` when the coordinator's training
     request says `clipping = "adaptive"`, `fixedclipping_mod` otherwise (both take the norm from the request).
 
+    The clipped reply goes on with `num_examples = UNIT_WEIGHT` (1): the coordinator's noise is calibrated to the
+    unweighted mean of the clipped updates, and under SecAgg+ `secaggplus_mod` (outside this mod) multiplies the
+    update by this weight before masking, where the coordinator cannot re-weight it. The number of crops stays in
+    the `n-examples` metric.
+
     A declined reply carries the received arrays unchanged: there is no update to clip (Flower's mods would divide
-    by its zero norm), so it is handed on as the site built it."""
+    by its zero norm), so it is handed on as the site built it (weight 0)."""
     if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
         return call_next(msg, ctx)
     config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
@@ -714,10 +721,19 @@ def clipping_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
         return reply
 
     out = flower_mod(msg, ctx, client)
-    return declined[0] if declined else out
+    if declined:
+        return declined[0]
+    if out.has_error() or not out.has_content():
+        return out
+    res = compat.recorddict_to_fitres(out.content, keep_input=True)
+    res.num_examples = UNIT_WEIGHT
+    out.content = compat.fitres_to_recorddict(res, keep_input=True)
+    return out
 
 
 CLIPPING_MODES = ("fixed", "adaptive")
+UNIT_WEIGHT = 1
+"""The aggregation weight a site's clipped update is sent with (server/coordinator/strategy.py's `UNIT_WEIGHT`)."""
 
 app = ClientApp(client_fn=client_fn, mods=[outbox_audit_mod, optional_secaggplus_mod, clipping_mod])
 

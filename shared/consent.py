@@ -423,22 +423,43 @@ class ConsentLedger:
                           policy=self.policy.version_hash, detail={"receipts": len(revoked)})  # fmt: skip
         return revoked
 
-    def purge_receipts(self, now: datetime | None = None, *, actor: str = "retention") -> list[str]:
-        """Delete receipts that ended (expired or revoked) longer ago than `site_retention_of_receipts`; audited."""
-        now = _utc(now)
-        keep = self.policy.rules.site_retention_of_receipts
+    def receipt_ends(self) -> list[tuple[str, str, datetime]]:
+        """(receipt_id, person_ref, end) of every receipt; end: its expiry, or its revocation when that came first."""
         rows = self._db_exec("SELECT r.receipt_id, r.person_ref, r.body, v.revoked_at FROM receipts r LEFT JOIN revocations v USING (receipt_id)")
-        gone = []
+        out = []
         for receipt_id, person_ref, body, revoked_at in rows:
             ended = ConsentReceipt.from_json(body).expires_at
             if revoked_at:
                 ended = min(ended, datetime.fromisoformat(revoked_at))
+            out.append((receipt_id, person_ref, ended))
+        return out
+
+    def delete_receipt(self, receipt_id: str) -> None:
+        """Delete one receipt and its revocation, in one transaction; not audited (the caller audits it)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("DELETE FROM revocations WHERE receipt_id = ?", (receipt_id,))
+                self._conn.execute("DELETE FROM receipts WHERE receipt_id = ?", (receipt_id,))
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def has_receipt(self, receipt_id: str) -> bool:
+        """True while the ledger still holds the receipt (or its revocation)."""
+        return bool(self._db_exec("SELECT 1 FROM receipts WHERE receipt_id = ? UNION ALL "
+                                  "SELECT 1 FROM revocations WHERE receipt_id = ?", (receipt_id, receipt_id)))
+
+    def purge_receipts(self, now: datetime | None = None, *, actor: str = "retention") -> list[str]:
+        """Delete receipts that ended (expired or revoked) longer ago than `site_retention_of_receipts`; audited.
+        (The site's retention sweeper, `client.retention`, deletes them through `receipt_ends`/`delete_receipt`.)"""
+        now = _utc(now)
+        keep = self.policy.rules.site_retention_of_receipts
+        gone = []
+        for receipt_id, person_ref, ended in self.receipt_ends():
             if now - ended >= keep:
-                with self._lock:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    self._conn.execute("DELETE FROM revocations WHERE receipt_id = ?", (receipt_id,))
-                    self._conn.execute("DELETE FROM receipts WHERE receipt_id = ?", (receipt_id,))
-                    self._conn.execute("COMMIT")
+                self.delete_receipt(receipt_id)
                 self.audit.append("retention.delete", actor=actor, person=person_ref, data=[receipt_id], policy=self.policy.version_hash,
                                   detail={"kind": "consent_receipt", "ended": ended.isoformat()})  # fmt: skip
                 gone.append(receipt_id)

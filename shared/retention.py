@@ -15,7 +15,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -78,6 +78,8 @@ class RetentionSweeper:
     `actor` names the sweeper in the audit log (e.g. "retention:site:alpha"). `clock` gives "now" when a sweep is
     not handed a time (default: the system clock, UTC); tests pass their own. `last_report` and `last_error` say how
     the latest sweep went (a health check reads them); `on_report` is called with each finished sweep's report.
+    `extra_keep` (kind -> keep) adds kinds another policy rules, e.g. the site's consent receipts (consent.yaml's
+    `site_retention_of_receipts`).
     """
 
     def __init__(
@@ -89,8 +91,13 @@ class RetentionSweeper:
         actor: str = "retention-sweeper",
         clock: Callable[[], datetime] | None = None,
         on_report: Callable[[SweepReport], None] | None = None,
+        extra_keep: Mapping[str, timedelta] | None = None,
     ) -> None:
-        unknown = [k for k in stores if k not in DATA_KINDS]
+        self.extra_keep = dict(extra_keep or {})
+        clash = [k for k in self.extra_keep if k in DATA_KINDS]
+        if clash:
+            raise ValueError(f"extra_keep {clash}: these kinds are ruled by the retention policy")
+        unknown = [k for k in stores if k not in DATA_KINDS and k not in self.extra_keep]
         if unknown:
             raise ValueError(f"no retention rule for data kind(s) {unknown}; known kinds: {', '.join(DATA_KINDS)}")
         self.policy, self.stores, self.audit, self.actor = policy, dict(stores), audit, actor
@@ -102,12 +109,16 @@ class RetentionSweeper:
     def _now(self, now: datetime | None) -> datetime:
         return _utc(now if now is not None else self.clock())
 
+    def keep(self, kind: str) -> timedelta:
+        """How long items of `kind` are kept (`extra_keep`, else the retention policy)."""
+        return self.extra_keep[kind] if kind in self.extra_keep else self.policy.keep(kind)
+
     def expired(self, now: datetime | None = None) -> list[RetainedItem]:
         """Items older than their kind's `keep`, oldest first (nothing is deleted)."""
         now = self._now(now)
         out = []
         for kind, store in self.stores.items():
-            keep = self.policy.keep(kind)
+            keep = self.keep(kind)
             out.extend(i for i in store.list(kind) if now - _utc(i.created_at) >= keep)
         return sorted(out, key=lambda i: _utc(i.created_at))
 
@@ -119,7 +130,7 @@ class RetentionSweeper:
         now = self._now(now)
         report = SweepReport(at=now)
         listed = {kind: list(store.list(kind)) for kind, store in self.stores.items()}
-        items = sorted((i for kind, found in listed.items() for i in found if now - _utc(i.created_at) >= self.policy.keep(kind)),
+        items = sorted((i for kind, found in listed.items() for i in found if now - _utc(i.created_at) >= self.keep(kind)),
                        key=lambda i: _utc(i.created_at))  # fmt: skip
         report.kept = sum(len(found) for found in listed.values()) - len(items)
         policy = self.policy.version_hash
@@ -132,7 +143,7 @@ class RetentionSweeper:
             except Exception as exc:  # noqa: BLE001 - one bad item must not stop the sweep; it is audited as failed
                 gone, reason = False, f"{type(exc).__name__}: {exc}"[:200]
             detail = {"kind": item.kind, "age_s": int((now - _utc(item.created_at)).total_seconds()),
-                      "keep_s": int(self.policy.keep(item.kind).total_seconds())}  # fmt: skip
+                      "keep_s": int(self.keep(item.kind).total_seconds())}  # fmt: skip
             if gone:
                 report.deleted.setdefault(item.kind, []).append(item.digest)
                 self.audit.append("retention.delete", actor=self.actor, person=item.person_ref, data=[item.digest], policy=policy, detail=detail)

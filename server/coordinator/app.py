@@ -10,11 +10,17 @@ checkpoints in checkpoint.py.
 Run config keys read here: num-server-rounds, min-sites, local-steps, strategy, clipping (fixed | adaptive),
 clipping-norm (the fixed norm, or the adaptive one's starting value), clipping-target-quantile, clipping-norm-lr,
 clipped-count-stddev, server-noise-multiplier, secure-aggregation, secagg-num-shares,
-secagg-reconstruction-threshold, round-timeout, epsilon-budget-per-site, state-dir, resume, seed (plus the site
-training keys that client/federation.py reads).
+secagg-reconstruction-threshold, secagg-clipping-range, round-timeout, epsilon-budget-per-site, state-dir, resume,
+seed (plus the site training keys that client/federation.py reads).
+
+Every site's clipped update weighs 1 in the aggregate (strategy.py's module doc says why): SecAgg+ runs with
+`max_weight = 1`, the weight each site's `clipping_mod` reports, so the unmasked sum divided by the summed weights
+is the unweighted mean. There is no `secagg-max-weight` key (a run config that still has one is warned about and
+ignored).
 
 Each round's checkpoint records the DP facts of that round (`meta["dp"]`: clipping mode, the norm the sites
-clipped to, the noise multiplier, and with adaptive clipping the noised clipped fraction and the next norm); a
+clipped to, the noise multiplier, the weighting ("unweighted"), the number of sites aggregated and the noise stddev
+added, z * norm / sites, and with adaptive clipping the noised clipped fraction and the next norm); a
 resumed adaptive run starts from the next norm its latest checkpoint holds, not from `clipping-norm`.
 """
 from __future__ import annotations
@@ -35,7 +41,7 @@ from megaportrait.shared.errors import ConfigError
 
 from .budget import BudgetLedger
 from .checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
-from .strategy import BoundedGrid, SiteBudgetStrategy, build_strategy
+from .strategy import UNIT_WEIGHT, BoundedGrid, SiteBudgetStrategy, build_strategy
 
 log = logging.getLogger("megaportrait.coordinator")
 
@@ -110,21 +116,31 @@ def main(grid: Grid, context: Context) -> None:
     strategy = SiteBudgetStrategy(
         inner, grid=bounded, ledger=ledger, min_sites=cfg["min_sites"],
         round_offset=start_round, query_timeout=min(cfg["round_timeout"], 120.0), on_round=on_round,
+        secure_aggregation=cfg["secure_aggregation"],
         fit_config={"local-steps": cfg["local_steps"], "base-model-sha256": base_sha})
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
-    if cfg["secure_aggregation"]:
-        fit_workflow = SecAggPlusWorkflow(
-            num_shares=_int_or_fraction(run_config.get("secagg-num-shares", 1.0)),
-            reconstruction_threshold=_int_or_fraction(run_config.get("secagg-reconstruction-threshold", 0.6)),
-            max_weight=float(run_config.get("secagg-max-weight", 1000.0)),
-            clipping_range=float(run_config.get("secagg-clipping-range", 8.0)),
-            timeout=cfg["round_timeout"])
-        DefaultWorkflow(fit_workflow=fit_workflow)(bounded, legacy)
-    else:
-        DefaultWorkflow()(bounded, legacy)
+    build_workflow(run_config)(bounded, legacy)
     done = load_checkpoint(state_dir)
     _write_status(state_dir, context.run_id, "finished", done.round if done else start_round, cfg["rounds"],
                   round_reports=strategy.rounds)
+
+
+def build_workflow(run_config: dict[str, Any]) -> DefaultWorkflow:
+    """Flower's `DefaultWorkflow`, its fit step `SecAggPlusWorkflow` when `secure-aggregation` is on. SecAgg+ gets
+    `max_weight = UNIT_WEIGHT`: each site's masked vector carries its parameters times the weight it reports over
+    `max_weight` (quantised), and every site reports 1, so the factor is exactly 1."""
+    cfg = run_settings(run_config)
+    if not cfg["secure_aggregation"]:
+        return DefaultWorkflow()
+    if "secagg-max-weight" in run_config:
+        log.warning("run config secagg-max-weight = %s ignored: every site weighs %d, so SecAgg+ runs with "
+                    "max_weight = %d", run_config["secagg-max-weight"], UNIT_WEIGHT, UNIT_WEIGHT)
+    return DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=_int_or_fraction(run_config.get("secagg-num-shares", 1.0)),
+        reconstruction_threshold=_int_or_fraction(run_config.get("secagg-reconstruction-threshold", 0.6)),
+        max_weight=float(UNIT_WEIGHT),
+        clipping_range=float(run_config.get("secagg-clipping-range", 8.0)),
+        timeout=cfg["round_timeout"]))
 
 
 def _int_or_fraction(value: Any) -> int | float:

@@ -1,9 +1,9 @@
 """The coordinator's strategy: Flower's own pieces, wrapped, plus a thin outer layer for budgets and checkpoints.
 
     SiteBudgetStrategy(                                   <- ours: budget query/refusal, declines, epsilon ledger,
-        DifferentialPrivacyClientSideFixedClipping           checkpoint per round, dropouts never veto a round
+        ClientSideFixedClipping                              checkpoint per round, dropouts never veto a round
         | ClientSideAdaptiveClipping(                     <- Flower's client-side clipping + server-side noise
-            FedAvg | FedMedian | FedTrimmedAvg, ...))        (adaptive: Flower's wrapper, two fixes, see its doc)
+            FedAvg | FedMedian | FedTrimmedAvg, ...))        (every site weight 1; adaptive: two more fixes)
 
 Clipping is always client-side (`clipping = "fixed"` or `"adaptive"` in the run config): a site clips its own
 update before anything leaves it, so the coordinator never holds an unclipped update, and SecAgg+ (which only
@@ -15,8 +15,27 @@ Why Flower's *legacy* strategy API (`flwr.server.strategy`): in flwr 1.42 secure
 Message-API strategies (`flwr.serverapp.strategy`) have no SecAgg+ counterpart. One strategy stack then serves runs
 with and without SecAgg+ (the latter use Flower's `DefaultWorkflow` fit workflow).
 
+Every site weighs the same. The central noise (stddev z * C / n for noise multiplier z, clipping norm C, n sites
+aggregated) bounds one site's influence on the *unweighted mean* of n updates clipped to C: C / n. FedAvg's usual
+weighting by example count would let a large site move the aggregate by up to C * (its examples / all examples),
+more than the noise covers. So under DP (always, here) the aggregate is the plain mean of the clipped updates:
+- in the clear, the DP wrappers below hand the aggregator every result with `num_examples = 1` (`unit_weighted`),
+  whatever the site reported;
+- under SecAgg+ the weighting happens at the sites, inside the masked sum: Flower's `secaggplus_mod` multiplies the
+  site's parameters by `num_examples / max_weight` (quantised) before masking and adds that factor to the masked
+  vector, and `SecAggPlusWorkflow` divides the unmasked sum by the sum of the factors. The sites' `clipping_mod`
+  therefore reports `num_examples = 1` after clipping (0 for a declined round), app.py runs SecAgg+ with
+  `max_weight = 1` (so the factor is exactly 1 and no precision is lost to scaling), and `SiteBudgetStrategy`
+  drops a round in which a contributing site reported another weight (its masked vector carried that weight and
+  cannot be taken out of the sum).
+The true example counts still reach the coordinator, as each site's `n-examples` metric (round reports, metrics),
+never as weights. The noise stddev actually used, and the n it was calibrated to, are in each wrapper's `history`
+and in the round's DP record (`meta["dp"]` of the checkpoint).
+
 Robust strategies (median, trimmed mean) need every site's update in the clear, so they cannot be combined with
-secure aggregation; `build_strategy` refuses that combination.
+secure aggregation; `build_strategy` refuses that combination. They ignore weights anyway. Note that the z * C / n
+noise is calibrated to the mean's sensitivity; one site can move a median (or a mean trimmed of few sites) by more
+than C / n, so their central noise is weaker than it is for fedavg.
 """
 from __future__ import annotations
 
@@ -51,7 +70,7 @@ from flwr.server.strategy import (
     Strategy,
 )
 from flwr.serverapp import Grid
-from flwr.supercore.differential_privacy import KEY_NORM_BIT, add_gaussian_noise_to_params
+from flwr.supercore.differential_privacy import KEY_NORM_BIT, add_gaussian_noise_inplace, compute_stdv
 
 from megaportrait.shared.errors import ConfigError
 
@@ -61,6 +80,9 @@ log = logging.getLogger("megaportrait.coordinator.strategy")
 
 AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg")
 CLIPPING_MODES = ("fixed", "adaptive")
+UNIT_WEIGHT = 1
+"""The aggregation weight of every site's clipped update (`num_examples` as the aggregator and SecAgg+ see it);
+client/federation.py's `clipping_mod` sends the same."""
 
 
 class BoundedGrid(Grid):
@@ -106,7 +128,9 @@ class ClientSideAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
     2. Noise. Flower adds the round's central noise with the norm already updated for the *next* round; the sites
        clipped to this round's norm, so the noise here uses that one (a shrinking norm would otherwise under-noise).
 
-    `history` keeps, per aggregated round, the norm used, the noised clipped fraction and the next norm.
+    Like `ClientSideFixedClipping`, it aggregates the unweighted mean of the clipped updates (`unit_weighted`) and
+    calibrates the noise to the number of sites aggregated. `history` keeps, per aggregated round, the norm used,
+    the noised clipped fraction, the next norm, the sites aggregated and the noise stddev added.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -119,13 +143,10 @@ class ClientSideAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         if failures or not results:
             return None, {}
         used = self.clipping_norm
-        aggregated, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        aggregated, metrics, noise = noised_unweighted_mean(self, server_round, results, used)
         fraction = self._update_clip_norm(results)
         self.history.append({"round": server_round, "clipping_norm": used, "clipped_fraction": fraction,
-                             "next_clipping_norm": self.clipping_norm})
-        if aggregated is not None:
-            aggregated = add_gaussian_noise_to_params(aggregated, self.noise_multiplier, used,
-                                                      self.num_sampled_clients)
+                             "next_clipping_norm": self.clipping_norm, **noise})
         log.info("round %d: clipping norm %.4g -> %.4g (noised clipped fraction %.3f, target %.3f)", server_round,
                  used, self.clipping_norm, fraction, self.target_clipped_quantile)
         return aggregated, metrics
@@ -142,7 +163,54 @@ class ClientSideAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         return fraction
 
 
-DPWrapper = DifferentialPrivacyClientSideFixedClipping | ClientSideAdaptiveClipping
+class ClientSideFixedClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping wrapper, aggregating the unweighted mean of the clipped updates
+    (`unit_weighted`) and noising it with stddev z * C / n, n the number of sites actually aggregated (Flower's uses
+    the aggregator's example weights and the number of sites it was told were sampled). `history` keeps, per
+    aggregated round, the norm, the sites aggregated and the noise stddev added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.history: list[dict[str, float]] = []
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if failures or not results:
+            return None, {}
+        aggregated, metrics, noise = noised_unweighted_mean(self, server_round, results, self.clipping_norm)
+        self.history.append({"round": server_round, "clipping_norm": float(self.clipping_norm), **noise})
+        return aggregated, metrics
+
+
+DPWrapper = ClientSideFixedClipping | ClientSideAdaptiveClipping
+
+
+def unit_weighted(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
+    """`results` with every site's `num_examples` set to `UNIT_WEIGHT` (copies; the site's own count stays in its
+    `n-examples` metric), so a weighted aggregator computes the unweighted mean of the clipped updates."""
+    return [(proxy, FitRes(status=res.status, parameters=res.parameters, num_examples=UNIT_WEIGHT,
+                           metrics=res.metrics)) for proxy, res in results]
+
+
+def noised_unweighted_mean(wrapper: DifferentialPrivacyClientSideFixedClipping
+                           | DifferentialPrivacyClientSideAdaptiveClipping, server_round: int,
+                           results: list[tuple[ClientProxy, FitRes]], clipping_norm: float
+                           ) -> tuple[Parameters | None, dict[str, Scalar], dict[str, float]]:
+    """The DP wrappers' aggregation: `wrapper.strategy` over the unit-weighted results, plus Gaussian noise with
+    stddev z * C / n (z the wrapper's noise multiplier, C `clipping_norm`, n = len(results)). Returns the noised
+    parameters, the aggregator's metrics and the record {"sites_aggregated": n, "noise_stddev": the stddev added}."""
+    n = len(results)
+    wrapper.num_sampled_clients = n
+    aggregated, metrics = wrapper.strategy.aggregate_fit(server_round, unit_weighted(results), [])
+    stddev = compute_stdv(wrapper.noise_multiplier, clipping_norm, n)
+    if aggregated is not None:
+        arrays = parameters_to_ndarrays(aggregated)
+        add_gaussian_noise_inplace(arrays, stddev)
+        aggregated = ndarrays_to_parameters(arrays)
+        log.info("round %d: unweighted mean of %d clipped update(s), central noise stddev %.4g (= %g * %.4g / %d)",
+                 server_round, n, stddev, wrapper.noise_multiplier, clipping_norm, n)
+    return aggregated, metrics, {"sites_aggregated": n, "noise_stddev": stddev}
 
 
 def build_strategy(run_config: dict[str, Any], initial_arrays: list[np.ndarray], min_sites: int, *,
@@ -171,8 +239,8 @@ def build_strategy(run_config: dict[str, Any], initial_arrays: list[np.ndarray],
     noise = float(run_config.get("server-noise-multiplier", 0.1))
     norm = float(run_config.get("clipping-norm", 1.0)) if clipping_norm is None else float(clipping_norm)
     if mode == "fixed":
-        return DifferentialPrivacyClientSideFixedClipping(inner, noise_multiplier=noise, clipping_norm=norm,
-                                                          num_sampled_clients=min_sites)
+        return ClientSideFixedClipping(inner, noise_multiplier=noise, clipping_norm=norm,
+                                       num_sampled_clients=min_sites)
     stddev = str(run_config.get("clipped-count-stddev", "auto"))
     try:
         return ClientSideAdaptiveClipping(
@@ -186,8 +254,9 @@ def build_strategy(run_config: dict[str, Any], initial_arrays: list[np.ndarray],
 
 
 def site_metrics_summary(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Round metrics: number of sites, examples, and the largest site epsilon (never an average of epsilons)."""
-    return {"sites": len(metrics), "n-examples": sum(n for n, _ in metrics),
+    """Round metrics: number of sites, examples (the sites' `n-examples`; the aggregation weights are all 1), and
+    the largest site epsilon (never an average of epsilons)."""
+    return {"sites": len(metrics), "n-examples": sum(int(m.get("n-examples", 0)) for _, m in metrics),
             "max-site-epsilon": max((float(m.get("epsilon", 0.0)) for _, m in metrics), default=0.0)}
 
 
@@ -199,19 +268,22 @@ class SiteBudgetStrategy(Strategy):
     that decline (no consented person, no consent ledger) are left out, and so are the sites the `BudgetLedger`
     refuses; with fewer than `min_sites` left the round is skipped. After training, replies in which a site
     declined (consent revoked between the query and training) are left out of the aggregate; the central noise is
-    calibrated to the sites whose updates are aggregated. Each site's reported epsilon is recorded and `on_round`
-    (the checkpoint) is called with the new arrays, the sites and the round's DP facts. Sites that dropped out
-    mid-round are logged, not counted as failures, so the round completes with the others. `round_offset` numbers
-    rounds across a resume.
+    calibrated to the sites whose updates are aggregated. Every aggregated site weighs 1 (module doc): in the clear
+    the DP wrapper re-weights whatever a site reported; under SecAgg+ (`secure_aggregation`, where the weight went
+    into the masked sum at the site) a round in which a contributing site reported a weight other than 1 is
+    dropped. Each site's reported epsilon is recorded and `on_round` (the checkpoint) is called with the new
+    arrays, the sites and the round's DP facts. Sites that dropped out mid-round are logged, not counted as
+    failures, so the round completes with the others. `round_offset` numbers rounds across a resume.
     """
 
     def __init__(self, inner: DPWrapper, *, grid: Grid, ledger: BudgetLedger,
                  min_sites: int, round_offset: int = 0, fit_config: dict[str, Scalar] | None = None,
-                 query_timeout: float = 60.0,
+                 query_timeout: float = 60.0, secure_aggregation: bool = False,
                  on_round: Callable[[int, list[np.ndarray], list[str], dict[str, Any]], None] | None = None
                  ) -> None:
         super().__init__()
         self.inner = inner
+        self.secure_aggregation = secure_aggregation
         self.grid = grid
         self.ledger = ledger
         self.min_sites = min_sites
@@ -299,7 +371,9 @@ class SiteBudgetStrategy(Strategy):
                 continue
             self.ledger.record_round(site, float(fit_res.metrics.get("epsilon", 0.0)), absolute)
             report["trained"].append(site)
-            report["examples"][site] = int(fit_res.num_examples)
+            report["examples"][site] = int(fit_res.metrics.get("n-examples", fit_res.num_examples))
+            if fit_res.num_examples != UNIT_WEIGHT:
+                report.setdefault("non_unit_weights", {})[site] = int(fit_res.num_examples)
             contributing.append((proxy, fit_res))
         report["failures"] = len(failures)
         if failures:
@@ -312,16 +386,23 @@ class SiteBudgetStrategy(Strategy):
             log.warning("round %d: only %d result(s), %d needed; global adapter unchanged", absolute,
                         len(contributing), self.min_sites)
             return None, {}
-        self.inner.num_sampled_clients = len(contributing)
+        odd = report.get("non_unit_weights")
+        if odd and self.secure_aggregation:
+            # The weight went into the site's masked vector: the secure sum is a weighted mean, not the unweighted
+            # one the noise is calibrated to, and one site's share cannot be taken out of it.
+            log.error("round %d dropped: site(s) %s sent weight(s) %s instead of %d under SecAgg+ (a site not "
+                      "running this version's clipping_mod?); the secure sum is not the unweighted mean the central "
+                      "noise covers; global adapter unchanged", absolute, sorted(odd), odd, UNIT_WEIGHT)
+            report["dropped"] = "non_unit_weights"
+            return None, {}
+        if odd:
+            log.warning("round %d: site(s) %s sent weight(s) %s; every site is aggregated with weight %d", absolute,
+                        sorted(odd), odd, UNIT_WEIGHT)
         parameters, metrics = self.inner.aggregate_fit(absolute, contributing, [])
-        dp = {"clipping": self.fit_config["clipping"], "noise_multiplier": float(self.inner.noise_multiplier),
-              "sites_aggregated": len(contributing)}
-        if isinstance(self.inner, ClientSideAdaptiveClipping) and self.inner.history:
-            last = self.inner.history[-1]
-            dp.update(clipping_norm=last["clipping_norm"], clipped_fraction=last["clipped_fraction"],
-                      next_clipping_norm=last["next_clipping_norm"])
-        else:
-            dp["clipping_norm"] = float(self.inner.clipping_norm)
+        dp: dict[str, Any] = {"clipping": self.fit_config["clipping"],
+                              "noise_multiplier": float(self.inner.noise_multiplier), "weighting": "unweighted"}
+        last = self.inner.history[-1]  # what this round's aggregation recorded: norm, sites, noise stddev
+        dp.update({k: v for k, v in last.items() if k != "round"})
         report["dp"] = dp
         if parameters is not None and self.on_round is not None:
             self.on_round(absolute, parameters_to_ndarrays(parameters), sorted(report["trained"]), dp)

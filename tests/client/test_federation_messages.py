@@ -97,6 +97,13 @@ def test_rounds_complete_and_every_site_reports_its_accountant_epsilon(federated
     first = load_checkpoint(result.state_dir, round=0)
     assert latest.round == 2 and sorted(latest.sites) == ["site-a", "site-b", "site-c"]
     assert any(not np.allclose(a, b) for a, b in zip(latest.arrays, first.arrays))
+    # Unweighted mean of the three clipped updates, noised with z * C / 3; the crop counts are only reported.
+    for r in (1, 2):
+        dp = load_checkpoint(result.state_dir, round=r).meta["dp"]
+        assert dp["weighting"] == "unweighted" and dp["sites_aggregated"] == 3
+        assert dp["noise_stddev"] == pytest.approx(dp["noise_multiplier"] * dp["clipping_norm"] / 3)
+        report = result.status["round_reports"][str(r)]
+        assert "non_unit_weights" not in report and report["examples"]["site-a"] > 1
     for site in ("site-a", "site-b", "site-c"):
         ledger = federation.SitePrivacyLedger(federated["site_state"] / site / federation.LEDGER_FILE)
         assert len(ledger.history) == 2

@@ -186,11 +186,14 @@ def test_clipping_mod_clips_updates_and_hands_a_decline_on_untouched(mode, task_
 
     sent = [np.zeros(4, np.float32)]
     msg = _train_message(sent, clipping=mode, clipping_norm=0.5)
-    trained = federation.clipping_mod(msg, None, lambda m, c: _fit_reply(m, [np.full(4, 2.0, np.float32)], 3,
-                                                                         declined=0))
+    trained = federation.clipping_mod(msg, None, lambda m, c: _fit_reply(m, [np.full(4, 2.0, np.float32)], 300,
+                                                                         declined=0, **{"n-examples": 300}))
     res = compat.recorddict_to_fitres(trained.content, keep_input=True)
     assert np.linalg.norm(parameters_to_ndarrays(res.parameters)[0]) == pytest.approx(0.5)  # clipped to the norm
     assert ("norm_bit" in res.metrics) == (mode == "adaptive")
+    # Sent with aggregation weight 1 (what secaggplus_mod, outside this mod, weights the masked update by); the
+    # number of crops stays in the metrics.
+    assert res.num_examples == federation.UNIT_WEIGHT == 1 and res.metrics["n-examples"] == 300
     declined = federation.clipping_mod(msg, None, lambda m, c: _fit_reply(m, sent, 0, declined=1))
     res = compat.recorddict_to_fitres(declined.content, keep_input=True)
     assert res.num_examples == 0 and res.metrics["declined"] == 1 and "norm_bit" not in res.metrics

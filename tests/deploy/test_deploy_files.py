@@ -32,6 +32,7 @@ K8S_FILES = sorted(DEPLOY.glob("*/k8s/*.yaml"))
 COMPOSE_FILES = sorted(DEPLOY.glob("*/compose.yaml"))
 CONTAINERFILES = sorted(DEPLOY.glob("*/Containerfile"))
 UNITS = sorted(DEPLOY.glob("*/*.service"))
+TIMERS = sorted(DEPLOY.glob("*/*.timer"))
 ROLES = ("render-node", "coordinator", "site-client")
 # What the images put where: a path a command names must come from the image or from a mount.
 IMAGE_PREFIX = "/opt/megaportrait/"
@@ -293,6 +294,46 @@ def test_systemd_analyze_would_flag_an_unknown_key(tmp_path):
     local.write_text(path.read_text().replace("/opt/megaportrait", str(REPO)).replace("Restart=on-failure", "Restart=on-failure\nRestrat=always"))
     out = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
     assert "Restrat" in out.stderr
+
+
+@pytest.mark.parametrize("path", TIMERS, ids=_ids(TIMERS))
+def test_timer_starts_a_unit_of_this_release_and_passes_systemd_analyze(path, defs, tmp_path):
+    timer = defs.parse_unit(path)
+    assert timer.one("Unit", "Description") and timer.one("Install", "WantedBy") == "timers.target"
+    service = path.parent / timer.one("Timer", "Unit")
+    assert service.is_file() and defs.parse_unit(service).one("Service", "Type") == "oneshot"
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    for unit in (path, service):  # verify resolves the timer's Unit= beside it
+        (tmp_path / unit.name).write_text(unit.read_text().replace("/opt/megaportrait", str(REPO)))
+    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / path.name)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+
+
+def test_site_sweep_runs_as_often_as_the_retention_policy_says_on_the_supernodes_folders(defs):
+    from datetime import timedelta
+
+    from megaportrait.shared.policy import load_retention_policy
+
+    site = DEPLOY / "site-client"
+    timer = defs.parse_unit(site / "megaportrait-site-sweep.timer")
+    assert timer.one("Timer", "OnCalendar") == "hourly"
+    assert load_retention_policy(REPO / "policies" / "retention.yaml").rules.sweep.interval == timedelta(hours=1)
+    sweep, node = defs.parse_unit(site / "megaportrait-site-sweep.service"), defs.parse_unit(site / "megaportrait-supernode.service")
+    argv = sweep.exec_start()
+    assert argv[1:3] == ["client", "sweep"]
+    flags = dict(zip(argv[3::2], argv[4::2]))
+    # run-supernode.sh: data-dir "$site/photos", state-dir "$site/federation", site = MEGAPORTRAIT_SITE_DIR
+    launch = (site / "run-supernode.sh").read_text()
+    assert 'data-dir=\\"$site/photos\\"' in launch and 'state-dir=\\"$site/federation\\"' in launch
+    folder = node.environment()["MEGAPORTRAIT_SITE_DIR"]
+    assert flags == {"--site-id": "${MEGAPORTRAIT_SITE_ID}", "--data-dir": f"{folder}/photos", "--state-dir": f"{folder}/federation"}
+    # one dynamic user (the SuperNode's, named after its unit) and one state directory for both
+    assert sweep.one("Service", "User") == "megaportrait-supernode" and not node.get("Service", "User")
+    assert sweep.get("Service", "StateDirectory") == node.get("Service", "StateDirectory")
+    assert sweep.get("Service", "EnvironmentFile") == node.get("Service", "EnvironmentFile")
+    assert sweep.environment()["MEGAPORTRAIT_CONFIG"] == node.environment()["MEGAPORTRAIT_CONFIG"]
+    assert "megaportrait-supernode.service" in sweep.one("Unit", "Before")
 
 
 def _normalise(argv: list[str], unit=None) -> list[str]:

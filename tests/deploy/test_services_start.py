@@ -287,3 +287,41 @@ def test_audit_review_healthcheck_of_the_compose_service_passes(defs, tmp_path):
         assert box.run([str(defs.VENV_BIN / check[0]), *check[1:]]).returncode == 0
     finally:
         box.close()
+
+
+# ------------------------------------------------------------------------------------------------- site sweep
+
+
+def test_site_sweep_unit_deletes_expired_site_data_and_audits_it(defs, tmp_path, people):
+    """The sweep unit's own command, on a site laid out as site.yaml and run-supernode.sh say, with the consent
+    ledger and key an operator records first."""
+    import os
+    import shutil
+    import time
+
+    from megaportrait.client.federation import SiteConsent, record_federated_consent
+    from megaportrait.shared import audit
+
+    box = defs.Sandbox(tmp_path)
+    box.install(defs.DEPLOY / "site-client" / "site.yaml", "/etc/megaportrait/site.yaml", rewrite=True)
+    box.install(defs.DEPLOY / "site-client" / "site.env", "/etc/megaportrait/site.env", rewrite=True)
+    box.install(_repo() / "policies", "/etc/megaportrait/policies")
+    policy = yaml.safe_load(box.host_path("/etc/megaportrait/site.yaml").read_text())["policy"]
+    consent = SiteConsent(Path(policy["consent_ledger"]), Path(policy["audit_key"]), Path(policy["audit_log"]))
+    record_federated_consent(consent, "alpha", ["person-a", "person-b"], actor="deploy-test")
+    site = box.host_path("/var/lib/megaportrait/site")
+    old, new = site / "photos" / "person-a" / "old.jpg", site / "photos" / "person-b" / "new.jpg"
+    for src, dest in ((people["obama"][0], old), (people["biden"][0], new)):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
+    (site / "federation").mkdir()
+    month_ago = time.time() - 31 * 86400
+    os.utime(old, (month_ago, month_ago))
+
+    argv, env, cwd = box.unit_command(defs.parse_unit(defs.DEPLOY / "site-client" / "megaportrait-site-sweep.service"))
+    out = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 deleted, 0 failed" in out.stdout and not old.exists() and new.is_file()
+    entries = [e for e in audit.read_entries(consent.audit_log) if e.action == "retention.delete"]
+    assert [(e.actor, e.person, e.detail["kind"]) for e in entries] == [("retention:site:alpha", "person-a", "source_photos")]
+    assert audit.verify(consent.audit_log, audit.load_signing_key(consent.key).public_key()).ok

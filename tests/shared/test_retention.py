@@ -165,3 +165,18 @@ def test_sweeper_clock_decides_what_is_old(tmp_path, log, policy):
     assert report.deleted == {"outputs": [item.digest]} and outputs.is_gone(item)
     assert len(seen) == 2 and seen[-1] is report and sweeper.last_report is report
     assert report.at == NOW + timedelta(days=6)
+
+
+def test_extra_kinds_are_kept_as_long_as_their_own_rule_says(log, policy):
+    store = _LeakyStore()
+    store.items = [RetainedItem("consent_receipts", "r-1", NOW - timedelta(days=8), "ab" * 32, "person-x")]
+    store.list = lambda kind: list(store.items) if kind == "consent_receipts" else []
+    store.delete = lambda item: store.items.remove(item)
+    sweeper = RetentionSweeper(policy, {"consent_receipts": store}, log, extra_keep={"consent_receipts": timedelta(days=9)})
+    assert sweeper.keep("consent_receipts") == timedelta(days=9) and sweeper.keep("outputs") == policy.keep("outputs")
+    assert sweeper.sweep(NOW).deleted_count == 0
+    assert sweeper.sweep(NOW + timedelta(days=1)).deleted == {"consent_receipts": ["ab" * 32]}
+    (entry,) = [e for e in audit.read_entries(log.path) if e.action == "retention.delete"]
+    assert entry.detail == {"kind": "consent_receipts", "age_s": 9 * 86400, "keep_s": 9 * 86400}
+    with pytest.raises(ValueError, match="ruled by the retention policy"):
+        RetentionSweeper(policy, {}, log, extra_keep={"outputs": timedelta(days=1)})
