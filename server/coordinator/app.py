@@ -22,6 +22,11 @@ Each round's checkpoint records the DP facts of that round (`meta["dp"]`: clippi
 clipped to, the noise multiplier, the weighting ("unweighted"), the number of sites aggregated and the noise stddev
 added, z * norm / sites, and with adaptive clipping the noised clipped fraction and the next norm); a
 resumed adaptive run starts from the next norm its latest checkpoint holds, not from `clipping-norm`.
+
+The coordinator keeps its own audit log in `<state-dir>/audit/` (auditing.py: the log, and its signing key created
+on the first start): run start, resume, every budget refusal, every round's outcome with the global adapter hash
+and the checkpoint file hash, and the run's end. Simulated and deployed runs both go through `main`, so both
+write it.
 """
 from __future__ import annotations
 
@@ -39,8 +44,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from megaportrait.shared.errors import ConfigError
 
+from .auditing import CoordinatorAudit, adapter_sha256
 from .budget import BudgetLedger
-from .checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, check_compatible, checkpoint_dir, load_checkpoint, save_checkpoint
 from .strategy import UNIT_WEIGHT, BoundedGrid, SiteBudgetStrategy, build_strategy
 
 log = logging.getLogger("megaportrait.coordinator")
@@ -71,21 +77,42 @@ def run_settings(run_config: dict[str, Any]) -> dict[str, Any]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the federation described by `context.run_config`."""
-    from megaportrait.client.federation import identity_settings_from_run_config, initial_global_arrays
-
     run_config = dict(context.run_config)
     cfg = run_settings(run_config)
     state_dir: Path = cfg["state_dir"]
     state_dir.mkdir(parents=True, exist_ok=True)
+    audit = CoordinatorAudit.open(state_dir, run_id=context.run_id, run_config=run_config)
+    try:
+        round_done = _run(grid, context, run_config, cfg, state_dir, audit)
+    except BaseException as exc:
+        try:
+            latest = load_checkpoint(state_dir)
+            audit.run_end(latest.round if latest else 0, error=exc)
+        except Exception:  # noqa: BLE001 - the run's own error is the one to raise
+            log.exception("cannot audit the end of the failed run")
+        raise
+    else:
+        audit.run_end(round_done)
+    finally:
+        audit.close()
+
+
+def _run(grid: Grid, context: Context, run_config: dict[str, Any], cfg: dict[str, Any], state_dir: Path,
+         audit: CoordinatorAudit) -> int:
+    """`main`'s work; returns the round of the latest checkpoint."""
+    from megaportrait.client.federation import identity_settings_from_run_config, initial_global_arrays
 
     settings = identity_settings_from_run_config(run_config)
     arrays, names, base_sha = initial_global_arrays(settings, cfg["seed"])
     start_round = 0
     latest = load_checkpoint(state_dir) if cfg["resume"] else None
+    audit.run_start(cfg, run_config, base_model_sha256=base_sha,
+                    initial_adapter=adapter_sha256(latest.arrays if latest is not None else arrays))
     if latest is not None:
         check_compatible(latest, names, base_sha)
         arrays, start_round = latest.arrays, latest.round
         log.info("resuming from checkpoint round %d in %s", start_round, state_dir)
+        audit.resume(start_round, checkpoint_dir(state_dir) / f"round-{start_round:04d}.npz", adapter_sha256(arrays))
     else:
         save_checkpoint(state_dir, Checkpoint(round=0, arrays=arrays, names=names, base_model_sha256=base_sha,
                                               meta={"run_id": str(context.run_id)}))
@@ -94,7 +121,7 @@ def main(grid: Grid, context: Context) -> None:
     if remaining <= 0:
         log.info("all %d rounds already done (checkpoint round %d); nothing to run", cfg["rounds"], start_round)
         _write_status(state_dir, context.run_id, "finished", start_round, cfg["rounds"])
-        return
+        return start_round
 
     ledger = BudgetLedger(state_dir / "budget.json", cfg["budget"])
     bounded = BoundedGrid(grid, cfg["round_timeout"])
@@ -105,24 +132,26 @@ def main(grid: Grid, context: Context) -> None:
     if resumed_norm is not None:
         log.info("adaptive clipping resumes at norm %.4g (checkpoint round %d)", resumed_norm, start_round)
 
-    def on_round(server_round: int, new_arrays: list[np.ndarray], sites: list[str], dp: dict[str, Any]) -> None:
-        save_checkpoint(state_dir, Checkpoint(round=server_round, arrays=new_arrays, names=names,
-                                              base_model_sha256=base_sha, sites=sites,
-                                              meta={"run_id": str(context.run_id), "resumed_from": start_round,
-                                                    "dp": dp}))
+    def on_round(server_round: int, new_arrays: list[np.ndarray], sites: list[str], dp: dict[str, Any]) -> Path:
+        path = save_checkpoint(state_dir, Checkpoint(round=server_round, arrays=new_arrays, names=names,
+                                                     base_model_sha256=base_sha, sites=sites,
+                                                     meta={"run_id": str(context.run_id), "resumed_from": start_round,
+                                                           "dp": dp}))
         _write_status(state_dir, context.run_id, "running", server_round, cfg["rounds"])
         log.info("round %d aggregated from %d site(s); checkpoint written", server_round, len(sites))
+        return path
 
     strategy = SiteBudgetStrategy(
         inner, grid=bounded, ledger=ledger, min_sites=cfg["min_sites"],
         round_offset=start_round, query_timeout=min(cfg["round_timeout"], 120.0), on_round=on_round,
-        secure_aggregation=cfg["secure_aggregation"],
+        secure_aggregation=cfg["secure_aggregation"], audit=audit,
         fit_config={"local-steps": cfg["local_steps"], "base-model-sha256": base_sha})
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
     build_workflow(run_config)(bounded, legacy)
     done = load_checkpoint(state_dir)
     _write_status(state_dir, context.run_id, "finished", done.round if done else start_round, cfg["rounds"],
                   round_reports=strategy.rounds)
+    return done.round if done else start_round
 
 
 def build_workflow(run_config: dict[str, Any]) -> DefaultWorkflow:

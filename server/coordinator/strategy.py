@@ -74,6 +74,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT, add_gaussian_noise
 
 from megaportrait.shared.errors import ConfigError
 
+from .auditing import CoordinatorAudit, adapter_sha256
 from .budget import BudgetLedger
 
 log = logging.getLogger("megaportrait.coordinator.strategy")
@@ -274,13 +275,15 @@ class SiteBudgetStrategy(Strategy):
     dropped. Each site's reported epsilon is recorded and `on_round` (the checkpoint) is called with the new
     arrays, the sites and the round's DP facts. Sites that dropped out mid-round are logged, not counted as
     failures, so the round completes with the others. `round_offset` numbers rounds across a resume.
+    With `audit` (the coordinator's audit log, auditing.py) every budget refusal and every round's outcome is
+    written there; `on_round` then returns the checkpoint file it wrote, whose hash goes into the round's entry.
     """
 
     def __init__(self, inner: DPWrapper, *, grid: Grid, ledger: BudgetLedger,
                  min_sites: int, round_offset: int = 0, fit_config: dict[str, Scalar] | None = None,
                  query_timeout: float = 60.0, secure_aggregation: bool = False,
-                 on_round: Callable[[int, list[np.ndarray], list[str], dict[str, Any]], None] | None = None
-                 ) -> None:
+                 on_round: Callable[[int, list[np.ndarray], list[str], dict[str, Any]], Any] | None = None,
+                 audit: CoordinatorAudit | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.secure_aggregation = secure_aggregation
@@ -293,6 +296,7 @@ class SiteBudgetStrategy(Strategy):
                                    else "fixed")
         self.query_timeout = query_timeout
         self.on_round = on_round
+        self.audit = audit
         self.node_sites: dict[int, str] = {}
         self.rounds: dict[int, dict[str, Any]] = {}
 
@@ -339,6 +343,10 @@ class SiteBudgetStrategy(Strategy):
                 continue
             if not self.ledger.admits(site, float(answer["epsilon-next"]), absolute):
                 report["refused"].append(site)
+                refusal = self.ledger.sites[site].refused[-1]
+                report.setdefault("refused_epsilon", {})[site] = refusal["epsilon_next"]
+                if self.audit is not None:
+                    self.audit.budget_refused(site, absolute, refusal["epsilon_next"], refusal["budget"])
                 continue
             fit_ins.config.update(self.fit_config)
             fit_ins.config.update({"server-round": absolute, "epsilon-budget": self.ledger.budget})
@@ -349,6 +357,7 @@ class SiteBudgetStrategy(Strategy):
             log.warning("round %d skipped: %d site(s) within budget and answering, %d needed (refused: %s, "
                         "declined: %s, silent: %d)", absolute, len(admitted), self.min_sites, report["refused"],
                         sorted(report["declined"]), len(report["silent"]))
+            self._audit_round(absolute, reason="too_few_sites")
             return []
         # The central noise is calibrated to the number of sites asked to train (and again to those aggregated).
         self.inner.num_sampled_clients = len(admitted)
@@ -385,6 +394,7 @@ class SiteBudgetStrategy(Strategy):
         if len(contributing) < self.min_sites:
             log.warning("round %d: only %d result(s), %d needed; global adapter unchanged", absolute,
                         len(contributing), self.min_sites)
+            self._audit_round(absolute, reason="too_few_results")
             return None, {}
         odd = report.get("non_unit_weights")
         if odd and self.secure_aggregation:
@@ -394,6 +404,7 @@ class SiteBudgetStrategy(Strategy):
                       "running this version's clipping_mod?); the secure sum is not the unweighted mean the central "
                       "noise covers; global adapter unchanged", absolute, sorted(odd), odd, UNIT_WEIGHT)
             report["dropped"] = "non_unit_weights"
+            self._audit_round(absolute, reason="non_unit_weights")
             return None, {}
         if odd:
             log.warning("round %d: site(s) %s sent weight(s) %s; every site is aggregated with weight %d", absolute,
@@ -404,9 +415,32 @@ class SiteBudgetStrategy(Strategy):
         last = self.inner.history[-1]  # what this round's aggregation recorded: norm, sites, noise stddev
         dp.update({k: v for k, v in last.items() if k != "round"})
         report["dp"] = dp
-        if parameters is not None and self.on_round is not None:
-            self.on_round(absolute, parameters_to_ndarrays(parameters), sorted(report["trained"]), dp)
+        if parameters is None:
+            self._audit_round(absolute, reason="no_aggregate")
+            return parameters, metrics
+        arrays = parameters_to_ndarrays(parameters)
+        written = None
+        if self.on_round is not None:
+            written = self.on_round(absolute, arrays, sorted(report["trained"]), dp)
+        if self.audit is not None:
+            self.audit.round_outcome(absolute, self._audit_report(report), adapter=adapter_sha256(arrays),
+                                     checkpoint_file=written)
         return parameters, metrics
+
+    def _audit_report(self, report: dict[str, Any]) -> dict[str, Any]:
+        """The round report as audited: site ids, counts and the DP record (no Flower node ids, no example
+        counts)."""
+        out = {k: v for k, v in report.items() if k not in ("silent", "examples", "refused_epsilon", "trained")}
+        out["silent"] = len(report.get("silent", []))
+        out["refused"] = {site: {"epsilon_next": eps, "budget": self.ledger.budget}
+                          for site, eps in report.get("refused_epsilon", {}).items()}
+        out["aggregated"] = sorted(report.get("trained", []))
+        out["admitted"] = sorted(report.get("admitted", []))
+        return out
+
+    def _audit_round(self, absolute: int, *, reason: str) -> None:
+        if self.audit is not None:
+            self.audit.round_outcome(absolute, self._audit_report(self.rounds.get(absolute, {})), reason=reason)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                            ) -> list[tuple[ClientProxy, EvaluateIns]]:

@@ -166,6 +166,26 @@ def test_each_deployed_site_checked_consent_and_audited_what_it_trained_on(feder
         assert all(set(e.data) <= photos and e.data for e in trained)
 
 
+def test_the_coordinator_audited_both_runs_in_its_state_dir(job):
+    from megaportrait.server.coordinator.auditing import adapter_sha256, audit_paths
+    from megaportrait.shared import audit
+
+    log, key = audit_paths(job["state_dir"])
+    report = audit.verify(log, f"{key}.pub")
+    assert report.ok, report.summary()
+    entries = list(audit.read_entries(log))
+    assert {e.component for e in entries} == {"coordinator"}
+    assert [e.action for e in entries].count("run.start") == 2
+    (resume,) = [e for e in entries if e.action == "run.resume"]
+    assert resume.actor == f"run:{job['run_b']}" and resume.detail["round"] == 1
+    # run A was killed right after round 1's checkpoint (its round entry may or may not have been written);
+    # run B resumed from it (audited above) and finished round 2
+    last = [e for e in entries if e.action == "round.aggregate"][-1]
+    assert last.detail["round"] == 2 and last.detail["aggregated"] == ["site-a", "site-b"]
+    assert last.detail["adapter_sha256"] == adapter_sha256(load_checkpoint(job["state_dir"], round=2).arrays)
+    assert entries[-1].action == "run.finish" and entries[-1].actor == f"run:{job['run_b']}"
+
+
 def test_a_site_killed_mid_round_leaves_the_round_to_the_others(federation, job):
     state_dir = job["state_dir"]
     assert sorted(load_checkpoint(state_dir, round=1).sites) == list(SITES)
