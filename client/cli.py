@@ -134,12 +134,7 @@ def supernode(site_id: str = typer.Option(..., help="This site's id (its key is 
         typer.echo(f"site {site_id} connected to {superlink}; log {process.log_path}; every message this site sends "
                    f"is recorded in {state_dir / 'outbox'}; retention sweep every "
                    f"{sweeper.policy.rules.sweep.interval}. Ctrl-C stops.")
-        try:
-            process.popen.wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            process.stop()
+        process.run_until_interrupted()
 
 
 def _stop_sweeper(stop: threading.Event, thread: threading.Thread) -> None:

@@ -64,12 +64,7 @@ def superlink(credentials: Path = typer.Option(..., help="Folder from `coordinat
 
     process = start_superlink(FederationCredentials.load(credentials), port=port, state_dir=state_dir, host=host)
     typer.echo(f"SuperLink listening on {host}:{port} (TLS, SuperNode auth); log {process.log_path}. Ctrl-C stops.")
-    try:
-        process.popen.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        process.stop()
+    process.run_until_interrupted()
 
 
 @coordinator.command()

@@ -345,6 +345,15 @@ class ManagedProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
 
+    def run_until_interrupted(self) -> None:
+        """Wait for the process to end or for Ctrl-C, then stop its whole group: how the CLI serves it."""
+        try:
+            self.popen.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
     def kill(self) -> None:
         """SIGKILL the whole group now (a crash, not a shutdown)."""
         self._signal_group(signal.SIGKILL)

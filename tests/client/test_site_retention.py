@@ -347,7 +347,6 @@ class _SupernodeDouble:
     def __init__(self, site: Site, state_dir: Path) -> None:
         self.site, self.log_path = site, state_dir / "supernode.log"
         self.seen: dict[str, bool] = {}
-        self.popen = self
 
     def wait(self) -> int:
         self.seen["a0_gone_at_start"] = not self.site.photos["a0"].exists()
@@ -362,6 +361,13 @@ class _SupernodeDouble:
 
     def stop(self) -> None:
         self.seen["stopped"] = True
+
+    def run_until_interrupted(self) -> None:
+        """As `ManagedProcess.run_until_interrupted`: wait, then stop."""
+        try:
+            self.wait()
+        finally:
+            self.stop()
 
 
 def test_supernode_sweeps_at_start_up_and_every_interval_while_it_runs(site, monkeypatch):

@@ -129,33 +129,20 @@ class DiffusionBackend:
 
         seconds: dict[str, float] = {}
 
+        runners = (("identity", run_identity), ("shading", run_shading), ("harmonize", run_harmonize))
         with models.identity_lora(identity):
-            if stages.identity:
-                progress("identity", 0.0)
+            for stage, run in runners:
+                if not getattr(stages, stage):
+                    continue
+                progress(stage, 0.0)
                 started = time.perf_counter()
-                for w, canvas in zip(works, run_identity(models, works, token=identity.token, params=p,
-                                                         on_progress=_report("identity"))):
+                if stage == "shading" and stages.identity:
+                    refresh_meshes(self.analyzer, works, p.shading.controls)  # the face changed under the mesh
+                for w, canvas in zip(works, run(models, works, token=identity.token, params=p,
+                                                on_progress=_report(stage))):
                     w.canvas = canvas
-                seconds["identity"] = (time.perf_counter() - started) / len(works)
-                progress("identity", 1.0)
-            if stages.shading:
-                progress("shading", 0.0)
-                started = time.perf_counter()
-                if stages.identity:
-                    refresh_meshes(self.analyzer, works, p.shading.controls)
-                for w, canvas in zip(works, run_shading(models, works, token=identity.token, params=p,
-                                                        on_progress=_report("shading"))):
-                    w.canvas = canvas
-                seconds["shading"] = (time.perf_counter() - started) / len(works)
-                progress("shading", 1.0)
-            if stages.harmonize:
-                progress("harmonize", 0.0)
-                started = time.perf_counter()
-                for w, canvas in zip(works, run_harmonize(models, works, token=identity.token, params=p,
-                                                          on_progress=_report("harmonize"))):
-                    w.canvas = canvas
-                seconds["harmonize"] = (time.perf_counter() - started) / len(works)
-                progress("harmonize", 1.0)
+                seconds[stage] = (time.perf_counter() - started) / len(works)
+                progress(stage, 1.0)
         return [self._portrait(w, identity, p, enabled, seconds) for w in works]
 
     # -- helpers -----------------------------------------------------------------------------------------------------
