@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 
@@ -56,6 +56,10 @@ def parse_duration(value: object) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+"""A policy duration written as '30d', '12h', ... (see `parse_duration`)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -65,26 +69,16 @@ class PurposeRule(_Strict):
 
     description: str = Field(min_length=1)
     granted_by: tuple[GrantorRole, ...] = Field(min_length=1)
-    max_validity: timedelta
+    max_validity: Duration
     requires: tuple[str, ...] = ()
     """Other purposes that must be consented to as well (e.g. render needs personal_adapter or a crop payload)."""
-
-    @field_validator("max_validity", mode="before")
-    @classmethod
-    def _duration(cls, v: object) -> timedelta:
-        return parse_duration(v)
 
 
 class ConsentPolicyModel(_Strict):
     version: Literal[1]
-    site_retention_of_receipts: timedelta
+    site_retention_of_receipts: Duration
     """How long a revoked or expired receipt is kept as proof before it is deleted."""
     purposes: dict[str, PurposeRule] = Field(min_length=1)
-
-    @field_validator("site_retention_of_receipts", mode="before")
-    @classmethod
-    def _duration(cls, v: object) -> timedelta:
-        return parse_duration(v)
 
     def cross_check(self) -> list[tuple[tuple[Any, ...], str]]:
         """Checks across purposes, as (location, message) so that they map to a line like field errors."""
@@ -103,13 +97,8 @@ class ConsentPolicyModel(_Strict):
 class RetentionRule(_Strict):
     """How long one kind of data is kept; `delete_on_revocation` also removes it when consent is withdrawn."""
 
-    keep: timedelta
+    keep: Duration
     delete_on_revocation: bool = True
-
-    @field_validator("keep", mode="before")
-    @classmethod
-    def _duration(cls, v: object) -> timedelta:
-        return parse_duration(v)
 
 
 class RetentionKinds(_Strict):
@@ -122,13 +111,8 @@ class RetentionKinds(_Strict):
 
 
 class SweepRule(_Strict):
-    interval: timedelta
+    interval: Duration
     on_startup: bool = True
-
-    @field_validator("interval", mode="before")
-    @classmethod
-    def _duration(cls, v: object) -> timedelta:
-        return parse_duration(v)
 
 
 class RetentionPolicyModel(_Strict):
