@@ -12,8 +12,14 @@ app = typer.Typer(help="MegaPortrait: private, personalised portraits.", no_args
 
 
 @app.callback()
-def main() -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", envvar="MEGAPORTRAIT_VERBOSE",
+                                      help="Also show third-party libraries' start-up lines (protobuf, TF Lite, "
+                                           "absl, OpenCV, Ray), hidden by default.")) -> None:
     """Roles: client (customer site), coordinator (Flower), render-node, audit; and the end-to-end demo."""
+    if not verbose:
+        from .logs import quiet_third_party
+
+        quiet_third_party()
 
 
 @app.command()

@@ -114,6 +114,27 @@ class PolicySettings(_Section):
     review_listen: str = "127.0.0.1:8088"
 
 
+class RenderNodeLink(_Section):
+    """How a site reaches its render node: the node's address, the CA and this site's client certificate (from
+    `megaportrait pki init`), and the node's `node_public.json` (from `megaportrait render-node keygen`)."""
+
+    address: str = "127.0.0.1:50051"
+    ca: Path = Path("/etc/megaportrait/pki/site/ca.pem")
+    cert: Path = Path("/etc/megaportrait/pki/site/site.pem")
+    key: Path = Path("/etc/megaportrait/pki/site/site.key")
+    node_public: Path = Path("/etc/megaportrait/node_public.json")
+    timeout_s: float = 600.0
+
+
+class SiteSettings(_Section):
+    """A customer site's own stores (`megaportrait client ...`): its id, photo folder and state folder."""
+
+    site_id: str = "site"
+    data_dir: Path = Path("runs/site/photos")
+    state_dir: Path = Path("runs/site/federation")
+    render_node: RenderNodeLink = Field(default_factory=RenderNodeLink)
+
+
 class HealthSettings(_Section):
     """Where this process serves /healthz and /metrics (`shared.service_health`); None serves nothing."""
 
@@ -131,6 +152,7 @@ class Settings(BaseSettings):
     coordinator: CoordinatorSettings = Field(default_factory=CoordinatorSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    site: SiteSettings = Field(default_factory=SiteSettings)
 
     @classmethod
     def settings_customise_sources(

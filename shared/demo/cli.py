@@ -57,6 +57,10 @@ def demo_command(
     configure_logging("INFO" if verbose else "WARNING")
     if not verbose:
         quiet_libraries()
+    else:
+        from megaportrait.shared.logs import show_third_party
+
+        show_third_party()
     console = Console(stderr=True)
     overrides = {k: v for k, v in dict(photos_dir=photos, template=template, n_sites=sites,
                                         people_per_site=people_per_site, rounds=rounds, n_templates=templates,

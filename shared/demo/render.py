@@ -1,17 +1,18 @@
 """The render node as a real gRPC server on loopback (mutual TLS), and the sites' portrait jobs against it.
 
 The node is the project's `RenderNode` behind `server.render.service.start_server`, with its own keys, job store and
-trusted-site keys; each site talks to it over its own client certificate from a demo CA, learns the node's HPKE key
-from `GetNodeInfo`, checks consent, seals the payload (face crops for the classic backend, the personal adapter for
-the diffusion backend), submits, follows progress, fetches the portrait and scores it at the site.
+trusted-site keys; each site talks to it over its own client certificate from a demo CA through the site's own
+render requests (`client.render_requests`): node keys checked against node_public.json, consent checked, payload
+sealed (face crops for the classic backend, the personal adapter for the diffusion backend) and staged, submitted,
+followed, the portrait fetched, checked, saved and scored at the site.
 
 Identity score: SFace cosine of the portrait's face to the mean embedding of the person's *other* photos (the
 payload carries only the first usable photo, so the rest are held out); None for a person with one photo.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
-import json
 import logging
 import re
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from megaportrait.client.render_requests import submit_render, wait_for_portrait
 
 from .roster import TemplateInfo
 from .settings import DemoSettings
@@ -51,21 +54,30 @@ class RunningNode:
     hpke_public: object = None
     signing_public: object = None
     node_info: dict = field(default_factory=dict)
-    channels: list = field(default_factory=list)
+    connections: dict = field(default_factory=dict)
     stopped: bool = False
 
-    def client(self, site_id: str):
-        from megaportrait.server.render.service import client_channel, stub
+    def connection(self, site_id: str):
+        """The site's `client.render_requests.NodeConnection` (its own client certificate), opened once; the node's
+        keys are checked against its node_public.json as a site would."""
+        from megaportrait.client.render_requests import open_connection
+        from megaportrait.shared.crypto import NodePublicKeys
 
-        channel = client_channel(f"localhost:{self.port}", self.tls[site_id])
-        self.channels.append(channel)
-        return stub(channel)
+        if site_id not in self.connections:
+            self.connections[site_id] = open_connection(
+                f"localhost:{self.port}", self.tls[site_id], NodePublicKeys.load(self.state_dir / "node_public.json"),
+                timeout_s=TIMEOUT_S)
+        return self.connections[site_id]
+
+    def client(self, site_id: str):
+        """The site's gRPC stub (for the demo's outside checks)."""
+        return self.connection(site_id).stub
 
     def stop(self) -> None:
         if self.stopped:
             return
-        for ch in self.channels:
-            ch.close()
+        for conn in self.connections.values():
+            conn.close()
         self.server.stop(None)
         self.node.stop()
         if self.audit is not None:
@@ -75,7 +87,6 @@ class RunningNode:
 
 def start_render_node(sites: list[Site], work: Path, notes: list[str]) -> RunningNode:
     """Issue the demo PKI, create the node's keys, trust each site's key, and serve on 127.0.0.1 (a free port)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from megaportrait.protos import render_pb2 as pb
     from megaportrait.server.render.backends import default_registry
     from megaportrait.server.render.node import NodeIdentity, RenderNode
@@ -84,7 +95,6 @@ def start_render_node(sites: list[Site], work: Path, notes: list[str]) -> Runnin
     from megaportrait.shared import pki
     from megaportrait.shared.audit import AuditLog, generate_signing_key
     from megaportrait.shared.config import RenderSettings
-    from megaportrait.shared.crypto import HpkePublicKey
 
     pki_dir = work / "pki"
     ca = pki.create_ca("MegaPortrait demo CA")
@@ -119,10 +129,8 @@ def start_render_node(sites: list[Site], work: Path, notes: list[str]) -> Runnin
     running = RunningNode(node=node, server=server, port=port, tls=tls, state_dir=state, audit=audit,
                           audit_public_key_file=audit_pub)
     info = running.client(sites[0].site_id).GetNodeInfo(pb.NodeInfoRequest(), timeout=TIMEOUT_S)
-    running.hpke_public = HpkePublicKey.from_bytes(info.hpke_public_key)
-    if running.hpke_public.fingerprint() != info.hpke_fingerprint:
-        raise RuntimeError("render node's HPKE key does not match its fingerprint")
-    running.signing_public = Ed25519PublicKey.from_public_bytes(info.signing_public_key)
+    running.hpke_public = running.connection(sites[0].site_id).hpke_public
+    running.signing_public = running.connection(sites[0].site_id).signing_public
     running.node_info = {"node_id": info.node_id, "api_version": info.api_version, "backends": list(info.backends),
                          "port": port, "hpke_suite": info.hpke_suite, "hpke_fingerprint": info.hpke_fingerprint}
     return running
@@ -190,81 +198,54 @@ def _classic_payload(person: PersonState):
                        embedder=first.face.embedder)
 
 
-def _consent_ref(sealed: bytes) -> str:
-    """The consent receipt id the sealing function bound into the payload's signed header."""
-    from megaportrait.shared.payload_format import Envelope
+def _request(person: PersonState, template: TemplateInfo, backend: str, switches: tuple[bool, bool, bool],
+             seed: int, params: dict):
+    from megaportrait.client.render_requests import RenderRequest
+    from megaportrait.shared.records import StageSwitches
 
-    return Envelope.parse(sealed).header.consent_ref
-
-
-def _submit(client, job_id: str, sealed: bytes, consent_ref: str, template: TemplateInfo, backend: str,
-            switches: tuple[bool, bool, bool], seed: int, params: dict) -> None:
-    from megaportrait.protos import render_pb2 as pb
-
-    client.SubmitJob(pb.SubmitJobRequest(
-        job_id=job_id, backend=backend, sealed_payload=sealed, consent_ref=consent_ref,
-        template_image=template.path.read_bytes(), seed=seed, params_json=json.dumps(params),
-        stages=pb.StageSwitches(identity=switches[0], shading=switches[1], harmonize=switches[2])), timeout=TIMEOUT_S)
+    return RenderRequest(person_ref=person.ref, template_name=template.name, template=template.path.read_bytes(),
+                         backend=backend, stages=StageSwitches(*switches), seed=seed, params=params)
 
 
-def _collect(client, site: Site, person: PersonState, rec: RenderRecord, analyzer, started: float) -> None:
-    """Follow the job to its end, fetch the portrait, store it at the site and score it."""
-    from megaportrait.protos import render_pb2 as pb
-    from megaportrait.shared.face_analysis import cosine, mean_embedding
+def _collect(site: Site, node: RunningNode, person: PersonState, rec: RenderRecord, analyzer, started: float) -> None:
+    """Follow the job to its end, fetch and check the portrait and save it at the site
+    (`client.render_requests.wait_for_portrait`), then copy the site's figures into the record."""
     from megaportrait.shared.imaging import decode_png
-    from megaportrait.shared.portrait_metrics import output_face, tone_kept
-    from megaportrait.shared.records import sha256_hex
 
-    last = None
-    for update in client.StreamProgress(pb.JobRef(job_id=rec.job_id), timeout=TIMEOUT_S):
-        last = update
-    rec.state = pb.JobState.Name(last.state).removeprefix("JOB_STATE_").lower() if last else "unknown"
-    if last is None or last.state != pb.JOB_STATE_SUCCEEDED:
-        status = client.GetJob(pb.JobRef(job_id=rec.job_id), timeout=TIMEOUT_S)
-        rec.error = f"{status.error_reason}: {status.error_message}"
-        site.audit.append("render.result", actor=ACTOR, outcome="failed", person=person.ref,
-                          detail={"job": rec.job_id, "reason": status.error_reason})
+    held_out = [a.face.embedding for a in person.accepted[1:]]
+    job, portrait = wait_for_portrait(site.site, node.connection(site.site_id), rec.job_id, analyzer=analyzer,
+                                      held_out=held_out, actor=ACTOR)
+    rec.state = "succeeded" if job.state == "collected" else job.state
+    rec.error = job.error
+    if portrait is None:
         return
-    result = client.FetchResult(pb.JobRef(job_id=rec.job_id), timeout=TIMEOUT_S)
     rec.turnaround_s = time.perf_counter() - started
-    if sha256_hex(result.png) != result.png_sha256:
-        raise RuntimeError(f"job {rec.job_id}: portrait bytes do not match their hash")
-    rec.png_sha256 = result.png_sha256
-    rec.metadata = json.loads(result.metadata_json)
+    rec.png_sha256 = hashlib.sha256(portrait.png).hexdigest()
+    rec.metadata = portrait.metadata
     stage_seconds = rec.metadata.get("seconds")
     if isinstance(stage_seconds, dict):
         rec.seconds = float(sum(v for v in stage_seconds.values() if isinstance(v, (int, float))))
-    rec.pixels = decode_png(result.png)
-    item = site.outputs.put(person.ref, f"{rec.job_id[-100:]}.png", result.png)
-    ita = rec.metadata.get("ita") or {}
-    rec.ita_person, rec.ita_template, rec.ita_output = ita.get("person"), ita.get("template"), ita.get("output")
-    rec.identity_payload = rec.metadata.get("identity_score")
-    rec.fallbacks = list(rec.metadata.get("fallbacks", []))
-    face = output_face(analyzer, rec.pixels)
-    rec.face_found = face is not None and face.embedding is not None
-    held_out = [a.face.embedding for a in person.accepted[1:]]
-    if rec.face_found and held_out:
-        rec.identity = cosine(face.embedding, mean_embedding(held_out))
-    if rec.ita_person is not None and rec.ita_template is not None:
-        rec.tone_kept = tone_kept(rec.ita_output, rec.ita_person, rec.ita_template)
-    site.audit.append("render.result", actor=ACTOR, person=person.ref, data=[item.digest],
-                      detail={"job": rec.job_id, "backend": rec.backend, "variant": rec.variant})
+    rec.pixels = decode_png(portrait.png)
+    f = portrait.figures
+    rec.ita_person, rec.ita_template, rec.ita_output = f["ita_person"], f["ita_template"], f["ita_output"]
+    rec.identity_payload, rec.identity, rec.face_found = f["identity_payload"], f["identity"], bool(f["face_found"])
+    rec.tone_kept, rec.fallbacks = f["tone_kept"], f["fallbacks"]
 
 
 def render_portraits(sites: list[Site], node: RunningNode, templates: list[TemplateInfo], settings: DemoSettings,
                      analyzer, *, advance: Callable[[], None] | None = None
                      ) -> tuple[list[RenderRecord], list[Refusal]]:
     """Classic renders of every consenting person with a usable photo onto every template (ablations too when
-    `settings.ablations`). Sites submit everything first, then collect in order while the node works."""
-    from megaportrait.client.payload import seal_face_crops
+    `settings.ablations`), through the site's own render requests (`client.render_requests`: consent checked,
+    sealed, staged, submitted). Sites submit everything first, then collect in order while the node works."""
     from megaportrait.shared.consent import ConsentError
     from megaportrait.shared.payload_format import CLASSIC_CROP_PURPOSE
 
     variants = list(VARIANTS) if settings.ablations else ["full"]
-    queued: list[tuple[object, Site, PersonState, RenderRecord, float]] = []
+    queued: list[tuple[Site, PersonState, RenderRecord, float]] = []
     refusals: list[Refusal] = []
     for site in sites:
-        client = node.client(site.site_id)
+        conn = node.connection(site.site_id)
         for person in site.people:
             if not person.accepted:
                 continue
@@ -275,24 +256,17 @@ def render_portraits(sites: list[Site], node: RunningNode, templates: list[Templ
                         rec = RenderRecord(site=site.site_id, person=person.name, ref=person.ref,
                                            template=template.name, variant=variant, backend="classic",
                                            job_id=job_id_for(site.site_id, person.ref, template.name, variant))
-                        # Checks the person's consent in the site's ledger (audited) and binds the receipt.
-                        sealed = seal_face_crops(payload, ledger=site.ledger, job_id=rec.job_id,
-                                                 recipient=node.hpke_public, site_id=site.site_id, site_key=site.key,
-                                                 actor=ACTOR)
-                        consent_ref = _consent_ref(sealed)
-                        site.audit.append("payload.seal", actor=ACTOR, person=person.ref,
-                                          data=[payload.crops[0].source_sha256],
-                                          detail={"job": rec.job_id, "kind": "face_crops", "consent": consent_ref})
                         started = time.perf_counter()
-                        _submit(client, rec.job_id, sealed, consent_ref, template, "classic", VARIANTS[variant][1],
-                                settings.seed, {})
-                        queued.append((client, site, person, rec, started))
+                        submit_render(site.site, conn, _request(person, template, "classic", VARIANTS[variant][1],
+                                                                settings.seed, {}),
+                                      payload, job_id=rec.job_id, actor=ACTOR)
+                        queued.append((site, person, rec, started))
             except ConsentError as exc:
                 refusals.append(Refusal(site.site_id, person.name, person.ref, CLASSIC_CROP_PURPOSE, exc.reason,
                                         str(exc)))
     records = []
-    for client, site, person, rec, started in queued:
-        _collect(client, site, person, rec, analyzer, started)
+    for site, person, rec, started in queued:
+        _collect(site, node, person, rec, analyzer, started)
         records.append(rec)
         if advance:
             advance()
@@ -303,21 +277,15 @@ def render_diffusion(site: Site, person: PersonState, adapter, node: RunningNode
                      settings: DemoSettings, analyzer) -> RenderRecord:
     """One diffusion-backend render with the person's sealed adapter, on the tiny in-code model (random weights:
     it shows the adapter payload path, not a portrait)."""
-    from megaportrait.client.payload import seal_adapter
-
-    client = node.client(site.site_id)
     rec = RenderRecord(site=site.site_id, person=person.name, ref=person.ref, template=template.name, variant="full",
                        backend="diffusion", job_id=job_id_for(site.site_id, person.ref, template.name, "diffusion"))
-    sealed = seal_adapter(adapter, ledger=site.ledger, job_id=rec.job_id, recipient=node.hpke_public,
-                          site_id=site.site_id, site_key=site.key, actor=ACTOR)
-    consent_ref = _consent_ref(sealed)
-    site.audit.append("payload.seal", actor=ACTOR, person=person.ref, data=list(adapter.photo_sha256),
-                      detail={"job": rec.job_id, "kind": "lora_adapter", "consent": consent_ref})
     steps = settings.diffusion_steps
     short = {} if steps >= 6 else {"strength": 0.67}  # so img2img stages still run a step or two
     params = {**TINY_DIFFUSION_PARAMS, "identity": {"steps": steps}, "shading": {"steps": steps, **short},
               "harmonize": {"steps": steps, **short}}
     started = time.perf_counter()
-    _submit(client, rec.job_id, sealed, consent_ref, template, "diffusion", (True, True, True), settings.seed, params)
-    _collect(client, site, person, rec, analyzer, started)
+    submit_render(site.site, node.connection(site.site_id),
+                  _request(person, template, "diffusion", (True, True, True), settings.seed, params), adapter,
+                  job_id=rec.job_id, actor=ACTOR)
+    _collect(site, node, person, rec, analyzer, started)
     return rec

@@ -1,8 +1,8 @@
 """Revoking one person's consent end to end, and verifying every component's audit log.
 
-Revocation is `shared.consent.revoke_person` as is: receipts revoked, the person's data deleted from every site store
-(and checked unreadable), the render node asked over gRPC to delete their jobs (it destroys the per-job keys) and its
-signed statement verified with the node's key. The demo then checks the consequences from the outside: the stores
+Revocation is the site's own (`client.revocation.revoke`): receipts revoked, the person's data deleted from every
+site store (and checked unreadable), the render node asked over gRPC to delete their jobs (it destroys the per-job
+keys) and its signed statement verified with the node's key. The demo then checks the consequences from the outside: the stores
 hold nothing of the person, the node answers NOT_FOUND for their old jobs while another person's job is still
 there, and the site refuses the person's next render.
 """
@@ -16,18 +16,6 @@ from .render import RenderRecord, RunningNode
 from .sites import ACTOR, Site
 
 log = logging.getLogger("megaportrait.demo")
-
-
-class GrpcRenderNodeDeleter:
-    """`consent.RenderNodeDeleter` over the node's gRPC API (DeletePerson), with the site's client certificate."""
-
-    def __init__(self, client) -> None:
-        self.client = client
-
-    def delete_person(self, person_ref: str):
-        from megaportrait.protos import render_pb2 as pb
-
-        return self.client.DeletePerson(pb.DeletePersonRequest(person_ref=person_ref), timeout=120)
 
 
 @dataclass
@@ -55,34 +43,27 @@ class RevocationOutcome:
 def revoke_one(site: Site, person_name: str, node: RunningNode, records: list[RenderRecord]) -> RevocationOutcome:
     """Revoke `person_name` at `site` everywhere and check the result from the site's side."""
     import grpc
+    from megaportrait.client.revocation import revoke
     from megaportrait.protos import render_pb2 as pb
-    from megaportrait.shared.consent import ConsentRevoked, RevocationIncomplete, revoke_person
+    from megaportrait.shared.consent import ConsentRevoked
     from megaportrait.shared.payload_format import CLASSIC_CROP_PURPOSE
 
     person = site.person(person_name)
     client = node.client(site.site_id)
-    try:
-        result = revoke_person(person.ref, ledger=site.ledger, by="subject", site_stores=site.stores,
-                               render_node=GrpcRenderNodeDeleter(client), render_node_key=node.signing_public)
-        pending: list[str] = []
-    except RevocationIncomplete as exc:
-        log.error("revocation of %s incomplete: %s", person.ref, ", ".join(exc.pending))
-        result, pending = exc.result, list(exc.pending)
-    conf = result.render_confirmation
+    done = revoke(site.site, person.ref, node.connection(site.site_id), by="subject")
     out = RevocationOutcome(
-        site=site.site_id, person=person.name, ref=person.ref, complete=result.complete, pending=pending,
-        receipts_revoked=len(result.receipts_revoked),
-        site_deleted={name: len(items) for name, items in result.site_deleted.items()},
-        still_readable={s.name: len(s.find_person(person.ref)) for s in site.stores},
-        node_jobs_deleted=list(conf.job_ids) if conf else [], node_keys_destroyed=conf.keys_destroyed if conf else 0,
-        node_statement_verified=site.ledger.render_confirmation(person.ref, node.signing_public) is not None)
-
+        site=site.site_id, person=person.name, ref=person.ref, complete=done.complete, pending=done.pending,
+        receipts_revoked=done.receipts_revoked, site_deleted=done.site_deleted, still_readable=done.still_readable,
+        node_jobs_deleted=done.node_jobs_deleted, node_keys_destroyed=done.node_keys_destroyed,
+        node_statement_verified=done.node_statement_verified)
+    conf = done
     out.checks.append(("nothing of the person is readable in any site store",
                        not any(out.still_readable.values()),
                        ", ".join(f"{k}: {v}" for k, v in out.still_readable.items())))
     mine = [r for r in records if r.ref == person.ref]
     out.checks.append(("the node's signed statement names every job of the person and destroyed their keys",
-                       bool(conf) and sorted(conf.job_ids) == sorted(r.job_id for r in mine) and conf.all_gone,
+                       sorted(conf.node_jobs_deleted) == sorted(r.job_id for r in mine)
+                       and conf.node_all_keys_destroyed and conf.node_statement_verified,
                        f"{len(out.node_jobs_deleted)} job(s) in the statement, {len(mine)} submitted"))
     if mine:
         try:

@@ -1,26 +1,17 @@
-"""The simulated customer sites: keys, audit log, consent ledger, per-person stores, and photo intake.
-
-Each site has its own Ed25519 key (signs consent receipts, sealed payloads and its audit log), its own consent
-ledger and audit log, and file stores per data kind (`shared.retention.FileStore`, person folders named by the
-pseudonymous person_ref): uploaded photos, face crops, personal adapters, collected portraits, plus the two derived
-stores the federation reads (the consented photos it trains on, and Flower's crop cache). Revocation deletes through
-all of them.
+"""The simulated customer sites: each is a `client.site.Site` (key, audit log, consent ledger, per-person stores)
+laid out under the run's folder, and its people are enrolled through the site's own consent capture and intake
+(`client.consent_capture`, `client.enrolment`). The demo adds one store, the consented photos staged for the
+federation's simulated clients; revocation deletes through it with the site's own stores.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from megaportrait.shared.retention import FileStore
-
-from .roster import PHOTO_SUFFIXES, PersonPlan, Roster
+from .roster import PersonPlan, Roster
 from .settings import DemoError
 
 log = logging.getLogger("megaportrait.demo")
@@ -59,67 +50,21 @@ class PersonState:
         return purpose in self.plan.purposes
 
 
-class NamedFileStore(FileStore):
-    """A FileStore reported under its own name, for a second store of one data kind (revocation keys by name)."""
-
-    def __init__(self, root: Path, kind: str, name: str) -> None:
-        super().__init__(root, kind)
-        self.name = name
-
-
-class CropCacheStore:
-    """The federation's crop cache (`client.federation.load_site_crops` writes crops-*.npz per site): one file for
-    all people of a site, so deleting a person deletes the whole cache file (the next round rebuilds it from the
-    photos still consented)."""
-
-    name = "federation_crop_cache"
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(state_dir)
-
-    def _holding(self, person_ref: str) -> list[Path]:
-        out = []
-        for path in sorted(self.state_dir.glob("crops-*.npz")):
-            with np.load(path) as z:
-                if person_ref in set(z["person"].tolist()):
-                    out.append(path)
-        return out
-
-    def delete_person(self, person_ref: str) -> list[str]:
-        gone = []
-        for path in self._holding(person_ref):
-            gone.append(hashlib.sha256(path.read_bytes()).hexdigest())
-            path.unlink()
-        return gone
-
-    def find_person(self, person_ref: str) -> list[str]:
-        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in self._holding(person_ref)]
-
-
 @dataclass
 class Site:
-    """One customer site and everything it holds."""
+    """One simulated customer site: the site itself (`client.site.Site`, its stores, ledger and log) and the demo's
+    people there."""
 
-    site_id: str
-    root: Path
-    key: object  # Ed25519PrivateKey
-    audit: object  # AuditLog
-    ledger: object  # ConsentLedger
-    photos: FileStore
-    crops: FileStore
-    adapters: FileStore
-    outputs: FileStore
-    federation_inputs: NamedFileStore
-    crop_cache: CropCacheStore
+    site: object  # client.site.Site
     people: list[PersonState] = field(default_factory=list)
 
-    @property
-    def key_path(self) -> Path:
-        return self.root / "keys" / "site.key"
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["site"], name)
 
     @property
-    def stores(self) -> list:
-        return [self.photos, self.crops, self.adapters, self.outputs, self.federation_inputs, self.crop_cache]
+    def federation_inputs(self):
+        """The demo's staging store of consented photos for the simulated Flower clients."""
+        return self.site.extra[0]
 
     def person(self, name: str) -> PersonState:
         for p in self.people:
@@ -136,71 +81,36 @@ def consent_policy_path() -> Path:
     return path
 
 
-def consent_policy():
-    """The project's consent policy (policies/consent.yaml in the repository)."""
-    from megaportrait.shared.policy import load_consent_policy
-
-    return load_consent_policy(consent_policy_path())
-
-
-def _store_name(index: int, path: Path, data: bytes) -> str:
-    suffix = path.suffix.lower() if path.suffix.lower() in PHOTO_SUFFIXES else ".bin"
-    return f"{index:02d}-{hashlib.sha256(data).hexdigest()[:12]}{suffix}"
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def make_site(site_id: str, root: Path, federation_inputs: Path, federation_state: Path) -> Site:
-    """A fresh site under `root`: signing key, audit log, consent ledger and empty stores."""
-    from megaportrait.shared.audit import AuditLog, generate_signing_key
-    from megaportrait.shared.consent import ConsentLedger
+    """A fresh site under `root` (`client.site.open_site_at`): signing key, audit log, consent ledger and empty
+    stores under `root/stores/`; its crop cache is the federation's state folder for the site."""
+    from megaportrait.client.site import SiteLayout, open_site_at
 
-    root.mkdir(parents=True, exist_ok=True)
-    key = generate_signing_key(root / "keys" / "site.key")
-    audit = AuditLog(root / "audit.jsonl", key, component=f"site:{site_id}", checkpoint_every=100)
-    ledger = ConsentLedger(root / "consent.sqlite", site=site_id, key=key, policy=consent_policy(), audit=audit)
-    return Site(site_id=site_id, root=root, key=key, audit=audit, ledger=ledger,
-                photos=FileStore(root / "stores" / "photos", "source_photos"),
-                crops=FileStore(root / "stores" / "crops", "face_crops"),
-                adapters=FileStore(root / "stores" / "adapters", "personal_adapters"),
-                outputs=FileStore(root / "stores" / "outputs", "outputs"),
-                federation_inputs=NamedFileStore(federation_inputs / site_id, "source_photos", "federation_inputs"),
-                crop_cache=CropCacheStore(federation_state / site_id))
+    stores = root / "stores"
+    layout = SiteLayout(root=root, photos=stores / "photos", crops=stores / "crops", adapters=stores / "adapters",
+                        portraits=stores / "outputs", payloads=stores / "payloads",
+                        crop_cache=federation_state / site_id, jobs=root / "render_jobs.sqlite",
+                        key=root / "keys" / "site.key", audit_log=root / "audit.jsonl", ledger=root / "consent.sqlite",
+                        consent_policy=consent_policy_path(),
+                        extra_stores=(("federation_inputs", federation_inputs / site_id, "source_photos"),))
+    return Site(open_site_at(site_id, layout, create_key=True))
 
 
 def enrol(site: Site, plan: PersonPlan, analyzer, face_settings) -> PersonState:
-    """Record the person's consent, store their uploads, and run intake: accepted photos (with crops, kept in the
-    crop store) and refusals with their reasons. Every step is in the site's audit log."""
-    from megaportrait.client.faces import intake_photo
-    from megaportrait.shared.errors import PhotoRejected
+    """Record the person's consent and enrol their uploads (`client.consent_capture`, `client.enrolment`): accepted
+    photos with their crops, refusals with their reasons. Every step is in the site's audit log."""
+    from megaportrait.client.consent_capture import grant_consent
+    from megaportrait.client.enrolment import enrol_photos
 
     person = PersonState(plan=plan, ref=f"p-{secrets.token_hex(8)}")
-    receipt = site.ledger.grant(person.ref, plan.purposes, granted_by="subject", actor=ACTOR)
+    receipt = grant_consent(site.site, person.ref, list(plan.purposes), granted_by="subject", actor=ACTOR)
     person.receipt_id = receipt.receipt_id
-    for i, upload in enumerate(plan.uploads):
-        data = upload.path.read_bytes()
-        item = site.photos.put(person.ref, _store_name(i, upload.path, data), data)
-        stored = site.photos.root / item.item_id
-        try:
-            accepted = intake_photo(stored, analyzer, face_settings)
-        except PhotoRejected as exc:
-            person.rejected.append(Rejection(upload.path.name, exc.reason, exc.detail, upload.note))
-            site.audit.append("photo.intake", actor=ACTOR, outcome="refused", person=person.ref, data=[item.digest],
-                              detail={"reason": exc.reason})
-            continue
-        person.accepted.append(accepted)
-        person.accepted_files.append(upload.path.name)
-        if accepted.flags:
-            person.flags[upload.path.name] = list(accepted.flags)
-        crop = site.crops.put(person.ref, f"{i:02d}-crop.png", _png(accepted.crop.pixels))
-        site.audit.append("photo.intake", actor=ACTOR, person=person.ref, data=[item.digest, crop.digest],
-                          detail={"flags": list(accepted.flags)})
+    notes = {u.path.name: u.note for u in plan.uploads}
+    done = enrol_photos(site.site, person.ref, [(u.path.name, u.path.read_bytes()) for u in plan.uploads],
+                        analyzer, face_settings, actor=ACTOR)
+    person.accepted, person.accepted_files = done.accepted, done.accepted_files
+    person.flags = {f: list(a.flags) for f, a in zip(done.accepted_files, done.accepted) if a.flags}
+    person.rejected = [Rejection(r.file, r.reason, r.detail, notes.get(r.file, "")) for r in done.refused]
     return person
 
 
