@@ -158,11 +158,10 @@ def personalise(person_dir: Path = typer.Argument(..., help="Photos of one conse
     consent (checked in the site's consent ledger before and after training). Expired site data is swept first. The
     adapter goes to <state-dir>/adapters/<person-ref>/, where the retention sweeper deletes it once
     `personal_adapters.keep` has passed. Nothing is sent anywhere."""
-    from safetensors.torch import save
-
     from megaportrait.client.faces import intake_photos
     from megaportrait.client.federation import load_global_adapter, personalise_adapter
     from megaportrait.client.retention import adapter_store
+    from megaportrait.shared.adapters import adapter_to_bytes
     from megaportrait.shared.config import FaceSettings
     from megaportrait.shared.errors import MegaPortraitError
 
@@ -200,9 +199,7 @@ def personalise(person_dir: Path = typer.Argument(..., help="Photos of one conse
         except MegaPortraitError as exc:  # too few usable photos, consent missing or ended: nothing is written
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
-    data = save({k: v.contiguous() for k, v in adapter.lora_state.items()},
-                metadata={"person_ref": person_ref, "global_round": str(round_),
-                          "epsilon": str(adapter.privacy.epsilon), "delta": str(adapter.privacy.delta)})
+    data = adapter_to_bytes(adapter)  # the one adapter format, with its privacy report: what sealing reads
     now = datetime.now(timezone.utc)
     item = store.put(person_ref, f"adapter-r{round_}-{now:%Y%m%dT%H%M%SZ}.safetensors", data, created_at=now)
     typer.echo(f"adapter for {person_ref[:12]} from global round {round_}: {store.root / item.item_id} (epsilon "
@@ -233,3 +230,8 @@ def privacy(state_dir: Path = typer.Option(..., help="The site's state folder.")
     ledger = SitePrivacyLedger(state_dir / LEDGER_FILE)
     typer.echo(json.dumps({"epsilon": ledger.epsilon(), "delta": ledger.delta, "accountant": ledger.accountant,
                            "releases": len(ledger.history), "rounds": ledger.rounds}, indent=1))
+
+
+from .site_cli import register as _register_site_commands  # noqa: E402 - typer-level only
+
+_register_site_commands(client)

@@ -106,7 +106,7 @@ def connect(link: Any) -> NodeConnection:
     """Connect as `site.render_node` (`shared.config.RenderNodeLink`) says; each missing file is named with its fix."""
     from megaportrait.server.render.service import TLSFiles
     from megaportrait.shared.crypto import NodePublicKeys
-    from megaportrait.shared.errors import KeyFileError
+    from megaportrait.shared.crypto import KeyFileError
 
     files = {}
     for name, hint in (("ca", "the CA certificate from `megaportrait pki init` (pki/sites/<site>/ca.pem)"),

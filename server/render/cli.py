@@ -35,14 +35,23 @@ def keygen(
 @app.command("trust-site")
 def trust_site(
     site_id: str = typer.Option(..., help="The site's id, as it appears in its payload headers."),
-    key: Path = typer.Option(..., exists=True, dir_okay=False, help="The site's Ed25519 public key (PEM)."),
+    key: Path = typer.Option(..., exists=True, dir_okay=False,
+                             help="The site's Ed25519 public key: the `<key>.pub` file `megaportrait audit keygen` "
+                                  "wrote beside the site's signing key (policy.audit_key; hex), or PEM."),
     state_dir: Path = STATE_DIR,
 ) -> None:
-    """Accept payloads signed by this site key; a running node picks it up at its next submission (no restart)."""
+    """Accept payloads signed by this site key (the key that also signs the site's consent receipts and audit log);
+    a running node picks it up at its next submission (no restart)."""
     from megaportrait.server.render.payloads import TrustedSites
-    from megaportrait.shared.crypto import load_ed25519_public
+    from megaportrait.shared.audit import AuditError, load_public_key
 
-    fp = TrustedSites().add(site_id, load_ed25519_public(key), state_dir / "trusted_sites")
+    try:
+        public = load_public_key(key)
+    except AuditError as exc:
+        typer.echo(f"error: {key}: {exc}; give the site's `<policy.audit_key>.pub` file (64 hex characters, from "
+                   "`megaportrait audit keygen`) or a PEM public key", err=True)
+        raise typer.Exit(2) from None
+    fp = TrustedSites().add(site_id, public, state_dir / "trusted_sites")
     typer.echo(f"trusted site {site_id} key {fp} (a running node uses it from its next submission)")
 
 

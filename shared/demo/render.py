@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from megaportrait.client.render_payloads import classic_payload
 from megaportrait.client.render_requests import submit_render, wait_for_portrait
 
 from .roster import TemplateInfo
@@ -188,16 +189,6 @@ def job_id_for(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9._:-]", "_", text)[:128]
 
 
-def _classic_payload(person: PersonState):
-    from megaportrait.shared.face_analysis import mean_embedding
-    from megaportrait.shared.records import FaceCropSet
-
-    first = person.accepted[0]
-    return FaceCropSet(person_ref=person.ref, crops=(first.crop,),
-                       mean_embedding=mean_embedding([first.face.embedding]),
-                       embedder=first.face.embedder)
-
-
 def _request(person: PersonState, template: TemplateInfo, backend: str, switches: tuple[bool, bool, bool],
              seed: int, params: dict):
     from megaportrait.client.render_requests import RenderRequest
@@ -249,7 +240,7 @@ def render_portraits(sites: list[Site], node: RunningNode, templates: list[Templ
         for person in site.people:
             if not person.accepted:
                 continue
-            payload = _classic_payload(person)
+            payload = classic_payload(person.ref, person.accepted)
             try:
                 for template in templates:
                     for variant in variants:
