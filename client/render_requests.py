@@ -146,13 +146,13 @@ def _transport_error(err: Any, address: str) -> MegaPortraitError:
     details = err.details() or ""
     if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         low = details.lower()
-        if any(w in low for w in ("ssl", "handshake", "certificate", "tls")):
+        if any(w in low for w in ("ssl", "handshake", "certificate", "tls", "socket closed")):
             return RenderNodeSetup(
                 f"the render node at {address} refused this site's TLS connection ({details[:160]}): check that "
                 "site.render_node.cert and .key are this site's certificate from the same CA as the node's "
                 "(site.render_node.ca), and that the node's certificate names this address")
         return RenderNodeUnreachable(f"render node at {address} is not reachable ({err.code().name}: "
-                                     f"{details[:160]}); check that it runs and site.render_node.address, then run "
+                                     f"{details[:400]}); check that it runs and site.render_node.address, then run "
                                      "the same command again: the job is picked up where it stopped")
     if err.code() == grpc.StatusCode.UNAUTHENTICATED:
         return RenderNodeSetup(f"the render node at {address} does not accept this site: {details}. Give the node "
@@ -560,12 +560,19 @@ def delete_jobs(site: Site, conn: NodeConnection, job_ids: list[str], *, actor: 
     portraits at the site, each read back and audited. Returns the node's `DeletionConfirmation`."""
     import grpc
     from megaportrait.protos import render_pb2 as pb
-    from megaportrait.shared.consent import verify_deletion_confirmation
+    from megaportrait.shared.deletion import DeletionConfirmation, DeletionSignatureInvalid, verify_deletion
 
     recs = [site.jobs.get(j) for j in job_ids]
     try:
         raw = conn.stub.DeleteJobs(pb.DeleteJobsRequest(job_ids=job_ids), timeout=conn.timeout_s)
-        conf = verify_deletion_confirmation(raw, conn.signing_public)
+        conf = DeletionConfirmation.from_raw(raw, conn.signing_public)
+        try:
+            verify_deletion(conf, conn.signing_public)
+        except (DeletionSignatureInvalid, ValueError) as exc:
+            raise RenderRefused(f"the node's deletion statement does not verify: {exc}", reason="bad_statement")
+        if not conf.all_gone or not set(job_ids) <= set(conf.job_ids):
+            raise RenderRefused(f"the node's deletion statement does not cover every job asked for ({job_ids}) "
+                                "with its key destroyed", reason="deletion_unconfirmed")
     except grpc.RpcError as err:
         if err.code() != grpc.StatusCode.NOT_FOUND:
             raise _transport_error(err, conn.address) from None

@@ -26,6 +26,7 @@ class LoopbackSite:
     node: object
     server: object
     port: int
+    tls: object = None
 
     def substitute(self, text: str) -> str:
         return text.replace("/etc/megaportrait", str(self.etc)).replace("/var/lib/megaportrait", str(self.var))
@@ -34,8 +35,20 @@ class LoopbackSite:
         self.server.stop(None)
         self.node.stop()
 
-    def cli(self, *args: str):
-        return cli(*args)
+    def cli(self, *args: str, ok: bool = True):
+        """`megaportrait ARGS` in-process with this site's settings; asserts success unless `ok` is False."""
+        from megaportrait.shared.cli import app
+
+        result = CliRunner().invoke(app, list(args), env={"MEGAPORTRAIT_CONFIG": str(self.config)})
+        if ok:
+            assert result.exit_code == 0, (args, result.output, result.exception)
+        return result
+
+    def restart_server(self) -> None:
+        """The node's gRPC server again on the same port (after `server.stop`)."""
+        from megaportrait.server.render.service import start_server
+
+        self.server, _ = start_server(self.node, f"127.0.0.1:{self.port}", self.tls)
 
     def trust_site(self) -> None:
         trust_site(self)
@@ -50,7 +63,7 @@ def cli(*args: str, env: dict | None = None):
     return result
 
 
-def start_loopback_site(root: Path, *, workers: int = 1) -> LoopbackSite:
+def start_loopback_site(root: Path, *, workers: int = 1, render: dict | None = None) -> LoopbackSite:
     """PKI, node keys, policies and site.yaml under `root`; the node serving on 127.0.0.1 (a free port). The site's
     own signing key is not made here (the doc's first step makes it); call `trust_site` after it exists."""
     from megaportrait.server.render.backends import default_registry
@@ -65,12 +78,13 @@ def start_loopback_site(root: Path, *, workers: int = 1) -> LoopbackSite:
     cli("render-node", "keygen", "--state-dir", str(node_state), "--node-id", "render-node-1")
     shutil.copy(node_state / "node_public.json", etc / "node_public.json")
     shutil.copytree(REPO / "policies", etc / "policies")
-    node = RenderNode.from_state_dir(node_state, registry=default_registry(RenderSettings(state_dir=node_state)),
+    settings = RenderSettings(state_dir=node_state, **(render or {}))
+    node = RenderNode.from_state_dir(node_state, registry=default_registry(settings),
                                      default_backend="classic", workers=workers)
     node.start()
     server, port = start_server(node, "127.0.0.1:0", TLSFiles.from_dir(root / "pki" / "render-node", "render-node"))
     site = LoopbackSite(root=root, etc=etc, var=var, config=etc / "site.yaml", node_state=node_state, node=node,
-                        server=server, port=port)
+                        server=server, port=port, tls=TLSFiles.from_dir(root / "pki" / "render-node", "render-node"))
     text = site.substitute((REPO / "deploy" / "site-client" / "site.yaml").read_text())
     text = text.replace("render-node.example.org:50051", f"localhost:{port}")
     site.config.write_text(text)
@@ -86,8 +100,10 @@ def trust_site(site: LoopbackSite) -> None:
 
 
 @pytest.fixture
-def loopback_site(tmp_path, shared_data):
-    site = start_loopback_site(tmp_path)
+def loopback_site(tmp_path, shared_data, request):
+    """The site of `start_loopback_site`; `@pytest.mark.parametrize("loopback_site", [{...}], indirect=True)` passes
+    render-node settings."""
+    site = start_loopback_site(tmp_path, render=getattr(request, "param", None))
     try:
         yield site
     finally:
