@@ -440,6 +440,27 @@ def status(config: Optional[Path] = CONFIG) -> None:
             typer.echo(f"render node at {link.address}: NOT usable: {exc}")
 
 
+def console(listen: str = typer.Option("127.0.0.1:8089", help="host:port; loopback by default (put a TLS proxy "
+                                                               "in front before listening elsewhere)."),
+            config: Optional[Path] = CONFIG) -> None:
+    """Serve the staff web console (consent, photos, renders, gallery, revocation) until Ctrl-C. Staff sign in
+    with the reviewer credentials in policy.reviewers (`megaportrait audit hash-password`)."""
+    import uvicorn
+
+    from megaportrait.client.console import create_console_app
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise typer.BadParameter(f"{listen!r} is not host:port", param_hint="--listen")
+    with open_site_cli(config) as (settings, site):
+        try:
+            app = create_console_app(settings, settings.policy.reviewers, site=site)
+        except ValueError as exc:
+            _fail(str(exc), 2)
+        typer.echo(f"site console for {site.site_id} on http://{listen}/ (Ctrl-C stops it)")
+        uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning")
+
+
 def register(client: typer.Typer) -> None:
     """Attach the day-to-day commands to `megaportrait client`."""
     client.add_typer(consent_app, name="consent")
@@ -448,3 +469,4 @@ def register(client: typer.Typer) -> None:
     client.add_typer(jobs_app, name="jobs")
     client.command("revoke")(revoke)
     client.command("status")(status)
+    client.command("console")(console)
