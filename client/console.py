@@ -269,12 +269,7 @@ reference, never by name.</p>
                     render_requests.fetch_portrait(site, conn(), job_id, analyzer=analyzer(),
                                                    held_out=state["held_out"].get(job_id), actor=ACTOR_PREFIX + who)
                     rec = site.jobs.get(job_id)
-                progress = None
-                if not rec.finished:
-                    from megaportrait.protos import render_pb2 as pb
-
-                    status_ = conn().stub.GetJob(pb.JobRef(job_id=job_id), timeout=30)
-                    progress = (status_.stage, status_.fraction)
+                progress = render_requests.progress(conn(), job_id) if not rec.finished else None
         except MegaPortraitError as exc:
             return error_page("Job", exc, "/jobs")
         e = html.escape

@@ -536,6 +536,18 @@ def refresh(site: Site, conn: NodeConnection, job_id: str) -> JobRecord:
     return site.jobs.update(job_id, state=state if state != "queued" else "submitted", error=error)
 
 
+def progress(conn: NodeConnection, job_id: str) -> tuple[str, float]:
+    """(stage, fraction) of a job at the node now."""
+    import grpc
+    from megaportrait.protos import render_pb2 as pb
+
+    try:
+        status = conn.stub.GetJob(pb.JobRef(job_id=job_id), timeout=30)
+    except grpc.RpcError as err:
+        raise _transport_error(err, conn.address) from None
+    return status.stage, status.fraction
+
+
 def cancel_job(site: Site, conn: NodeConnection, job_id: str, *, actor: str = "operator:cli") -> JobRecord:
     """Ask the node to cancel a queued or running job."""
     import grpc
@@ -590,6 +602,18 @@ def delete_jobs(site: Site, conn: NodeConnection, job_ids: list[str], *, actor: 
                       data=list(conf.deleted) if conf else [],
                       detail={"jobs": job_ids, "node_confirmed": conf is not None, "state": state})
     return conf
+
+
+class PersonDeleter:
+    """`shared.consent.RenderNodeDeleter` over the node's DeletePerson, for revocation (`client.revocation`)."""
+
+    def __init__(self, conn: NodeConnection) -> None:
+        self.conn = conn
+
+    def delete_person(self, person_ref: str):
+        from megaportrait.protos import render_pb2 as pb
+
+        return self.conn.stub.DeletePerson(pb.DeletePersonRequest(person_ref=person_ref), timeout=120)
 
 
 def wait_for_portrait(site: Site, conn: NodeConnection, job_id: str, *, analyzer: Any = None,

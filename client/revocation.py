@@ -16,18 +16,6 @@ from .site import Site
 log = logging.getLogger("megaportrait.client.revocation")
 
 
-class GrpcRenderNodeDeleter:
-    """`consent.RenderNodeDeleter` over the node's gRPC API (DeletePerson), with the site's client certificate."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    def delete_person(self, person_ref: str):
-        from megaportrait.protos import render_pb2 as pb
-
-        return self.conn.stub.DeletePerson(pb.DeletePersonRequest(person_ref=person_ref), timeout=120)
-
-
 @dataclass
 class Revocation:
     """What revocation did: receipts, per-store items deleted and still readable, and the node's statement."""
@@ -64,9 +52,11 @@ def revoke(site: Site, person_ref: str, conn: Any = None, *, by: str = "subject"
     verified or the node did not confirm (`retry_pending_revocations` finishes the node's part later)."""
     from megaportrait.shared.consent import RevocationIncomplete, revoke_person
 
+    from .render_requests import PersonDeleter
+
     stores = [*site.stores, site.jobs]
     node_key = conn.signing_public if conn is not None else None
-    deleter = GrpcRenderNodeDeleter(conn) if conn is not None else None
+    deleter = PersonDeleter(conn) if conn is not None else None
     try:
         result = revoke_person(person_ref, ledger=site.ledger, by=by, site_stores=stores, render_node=deleter,
                                render_node_key=node_key)

@@ -6,8 +6,10 @@ to a render node served over mutual-TLS gRPC on loopback, render portraits onto 
 ablations), revoke one person's consent end to end, and verify every audit log.
 
 Modules, in the order the demo runs them: `settings` (what to run), `roster` (who and which templates), `sites`
-(keys, consent, stores, intake), `federate` (rounds and personal adapters), `render` (node and portraits),
-`revoke` (revocation and audit verification), `report` (HTML and JSON), `run` (the whole thing, timed), `cli`.
+(the simulated sites and their people), `federate` (rounds and personal adapters), `render` (node and portraits),
+`revoke` (revocation checks and audit verification), `report` (HTML and JSON), `run` (the whole thing, timed), `cli`.
+The sites' own work (stores, consent, intake, sealed render jobs, revocation) is the customer site's code in
+`megaportrait.client` (`site`, `consent_capture`, `enrolment`, `render_requests`, `revocation`), as staff run it.
 Only light modules are imported here; models, Flower and gRPC load when a step runs.
 """
 from __future__ import annotations

@@ -109,3 +109,23 @@ def test_serve_answers_over_mtls_serves_health_and_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_trust_site_takes_the_public_key_file_audit_keygen_writes(tmp_path):
+    """The site's key command writes `<key>.pub` as hex; the node operator passes that file as it is."""
+    runner = CliRunner()
+    state = tmp_path / "state"
+    assert runner.invoke(app, ["render-node", "keygen", "--state-dir", str(state)]).exit_code == 0
+    result = runner.invoke(app, ["audit", "keygen", str(tmp_path / "site" / "signing.key")])
+    assert result.exit_code == 0, result.output
+    pub = tmp_path / "site" / "signing.key.pub"
+    result = runner.invoke(app, ["render-node", "trust-site", "--state-dir", str(state), "--site-id", "alpha",
+                                 "--key", str(pub)])
+    assert result.exit_code == 0, result.output
+    trusted = TrustedSites.load(state / "trusted_sites")
+    assert list(trusted.keys) == ["alpha"]
+    (tmp_path / "garbage.pub").write_text("not a key\n")
+    result = runner.invoke(app, ["render-node", "trust-site", "--state-dir", str(state), "--site-id", "beta",
+                                 "--key", str(tmp_path / "garbage.pub")])
+    assert result.exit_code == 2 and "signing.key" not in result.output and "64 hex characters" in result.output
+    assert list(TrustedSites.load(state / "trusted_sites").keys) == ["alpha"]
