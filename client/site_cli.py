@@ -412,7 +412,7 @@ def status(config: Optional[Path] = CONFIG) -> None:
 
     with open_site_cli(config) as (settings, site):
         people = site.people()
-        typer.echo(f"site {site.site_id}: {len(people)} people")
+        typer.echo(f"site {site.site_id}: {len(people)} {'person' if len(people) == 1 else 'people'}")
         for ref in people:
             purposes = active_purposes(site, ref)
             photos = len(site.photos.find_person(ref))

@@ -30,6 +30,7 @@ THIRD_PARTY_NOISE = re.compile(
     r"|^[WIE]\d{4} [\d:.]+\s+\d+ \S+\.cc:\d+\]"  # absl/glog lines from mediapipe's graphs
     r"|setPreferableTarget|^\[ WARN:\d"  # OpenCV DNN
     r"|Started a local Ray instance"  # Ray's start-up line
+    r"|mediapipe/python/solution_base\.py:\d+: DeprecationWarning|^\s+self\._modify_calculator_options\("
 )
 _quiet: dict = {}
 
@@ -74,7 +75,8 @@ def quiet_third_party() -> None:
 
     if _quiet:
         return
-    for name, value in (("OPENCV_LOG_LEVEL", "ERROR"), ("GLOG_minloglevel", "2"), ("TF_CPP_MIN_LOG_LEVEL", "2")):
+    for name, value in (("OPENCV_LOG_LEVEL", "ERROR"), ("GLOG_minloglevel", "2"), ("TF_CPP_MIN_LOG_LEVEL", "2"),
+                        ("PYTHONWARNINGS", "ignore::DeprecationWarning")):  # child processes too (Ray's workers)
         os.environ.setdefault(name, value)
     try:
         if sys.stderr.fileno() != 2:
