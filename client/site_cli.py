@@ -214,6 +214,7 @@ def _save(portrait, out: Optional[Path]) -> Path:
 
 def _collect_and_print(site, conn, rec, analyzer, held_out, out: Optional[Path]) -> None:
     from megaportrait.client.render_requests import wait_for_portrait
+    from megaportrait.shared.consent import ConsentError
     from megaportrait.shared.errors import MegaPortraitError
 
     try:
@@ -225,8 +226,13 @@ def _collect_and_print(site, conn, rec, analyzer, held_out, out: Optional[Path])
 
             job, portrait = wait_for_portrait(site, conn, rec.job_id, analyzer=analyzer, held_out=held_out,
                                               on_progress=on_progress, actor=ACTOR)
+    except ConsentError as exc:
+        _fail(f"job {rec.job_id}: {exc}; the job was deleted at the render node and no portrait was saved", 1)
     except MegaPortraitError as exc:
         _fail(f"job {rec.job_id}: {exc}", 1)
+    if portrait is None and not job.finished:
+        _fail(f"job {job.job_id} is still {job.state} at the node, which stopped reporting; run the same command "
+              f"again (or `megaportrait client jobs fetch {job.job_id}`) to pick it up", 1)
     if portrait is None:
         _fail(f"job {job.job_id} {job.state}: {job.error or 'no portrait'}", 1)
     path = _save(portrait, out)

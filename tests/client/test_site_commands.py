@@ -127,7 +127,8 @@ def test_consent_revoked_while_queued_means_no_portrait_and_node_deletion(loopba
     with open_site(load_settings(site.config)) as s:  # consent ends at the site (the ledger only)
         s.ledger.revoke(PERSON, by="subject")
     r = site.cli("client", "jobs", "fetch", job_id, ok=False)
-    assert r.exit_code == 1 and PERSON in r.stderr and "revoked" in r.stderr and "render" in r.stderr
+    assert r.exit_code == 1 and PERSON in r.stderr and "classic_face_crop_payload" in r.stderr
+    assert "revoked" in r.stderr and "deleted at the render node and no portrait was saved" in r.stderr
     assert _node_jobs(site, PERSON) == []
     assert not list((site.var / "site" / "federation" / "portraits").glob("*/*"))
     assert "withdrawn" in site.cli("client", "jobs", "show", job_id).stdout
