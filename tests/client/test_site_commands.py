@@ -114,6 +114,9 @@ def test_rerun_after_the_node_went_away_picks_up_the_same_job(loopback_site, peo
     assert len(list((site.var / "site" / "federation" / "portraits" / PERSON).iterdir())) == 1
     r = site.cli("client", "jobs", "list")
     assert job_id in r.stdout and "collected" in r.stdout
+    r = site.cli("client", "enrol", PERSON, *map(str, people["obama"][:2]))  # enrolling again keeps one copy
+    assert r.stdout.count("already enrolled") == 2 and "2 photo(s) held" in r.stdout
+    assert len(list((site.var / "site" / "photos" / PERSON).iterdir())) == 2
 
 
 def test_consent_revoked_while_queued_means_no_portrait_and_node_deletion(loopback_site, people, templates):
