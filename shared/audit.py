@@ -726,9 +726,30 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
-def filter_entries(paths: Iterable[str | Path], flt: EntryFilter) -> list[AuditEntry]:
-    """Entries of several logs that match `flt`, merged in time order."""
-    out = [e for p in paths for e in read_entries(p) if flt.matches(e)]
+def filter_entries(paths: Iterable[str | Path], flt: EntryFilter, *, skipped: list[str] | None = None) -> list[AuditEntry]:
+    """Entries of several logs that match `flt`, merged in time order.
+
+    A line that is not an entry, or a log that cannot be read, raises AuditError; with `skipped` given it is left
+    out instead and said there ("<file>:<line>: <reason>"), so one damaged log does not hide the others.
+    """
+    out = []
+    for p in paths:
+        if skipped is None:
+            out += [e for e in read_entries(p) if flt.matches(e)]
+            continue
+        try:
+            with open(p, "rb") as fh:
+                for n, raw in enumerate(fh, start=1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        e = AuditEntry.from_json(json.loads(raw))
+                        if flt.matches(e):  # matching parses the time: a bad one is a bad entry too
+                            out.append(e)
+                    except (ValueError, TypeError) as exc:
+                        skipped.append(f"{Path(p).name}:{n}: not an audit entry ({str(exc)[:200]})")
+        except OSError as exc:
+            skipped.append(f"{Path(p).name}: cannot be read ({exc.strerror or exc})")
     out.sort(key=lambda e: (e.ts, e.component, e.seq))
     return out
 
