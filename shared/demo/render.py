@@ -198,13 +198,20 @@ def _consent_ref(sealed: bytes) -> str:
 
 
 def _submit(client, job_id: str, sealed: bytes, consent_ref: str, template: TemplateInfo, backend: str,
-            switches: tuple[bool, bool, bool], seed: int, params: dict) -> None:
+            switches: tuple[bool, bool, bool], seed: int, params: dict):
     from megaportrait.protos import render_pb2 as pb
 
-    client.SubmitJob(pb.SubmitJobRequest(
+    return client.SubmitJob(pb.SubmitJobRequest(
         job_id=job_id, backend=backend, sealed_payload=sealed, consent_ref=consent_ref,
         template_image=template.path.read_bytes(), seed=seed, params_json=json.dumps(params),
         stages=pb.StageSwitches(identity=switches[0], shading=switches[1], harmonize=switches[2])), timeout=TIMEOUT_S)
+
+
+def witness(site: Site):
+    """Where the site keeps the render node's audit checkpoints that come with its replies (`shared.audit.WitnessStore`)."""
+    from megaportrait.shared.audit import WitnessStore
+
+    return WitnessStore(site.root / "witness")
 
 
 def _collect(client, site: Site, person: PersonState, rec: RenderRecord, analyzer, started: float) -> None:
@@ -221,11 +228,13 @@ def _collect(client, site: Site, person: PersonState, rec: RenderRecord, analyze
     rec.state = pb.JobState.Name(last.state).removeprefix("JOB_STATE_").lower() if last else "unknown"
     if last is None or last.state != pb.JOB_STATE_SUCCEEDED:
         status = client.GetJob(pb.JobRef(job_id=rec.job_id), timeout=TIMEOUT_S)
+        witness(site).keep_reply(status)
         rec.error = f"{status.error_reason}: {status.error_message}"
         site.audit.append("render.result", actor=ACTOR, outcome="failed", person=person.ref,
                           detail={"job": rec.job_id, "reason": status.error_reason})
         return
     result = client.FetchResult(pb.JobRef(job_id=rec.job_id), timeout=TIMEOUT_S)
+    witness(site).keep_reply(result)
     rec.turnaround_s = time.perf_counter() - started
     if sha256_hex(result.png) != result.png_sha256:
         raise RuntimeError(f"job {rec.job_id}: portrait bytes do not match their hash")
@@ -284,8 +293,8 @@ def render_portraits(sites: list[Site], node: RunningNode, templates: list[Templ
                                           data=[payload.crops[0].source_sha256],
                                           detail={"job": rec.job_id, "kind": "face_crops", "consent": consent_ref})
                         started = time.perf_counter()
-                        _submit(client, rec.job_id, sealed, consent_ref, template, "classic", VARIANTS[variant][1],
-                                settings.seed, {})
+                        witness(site).keep_reply(_submit(client, rec.job_id, sealed, consent_ref, template, "classic",
+                                                         VARIANTS[variant][1], settings.seed, {}))
                         queued.append((client, site, person, rec, started))
             except ConsentError as exc:
                 refusals.append(Refusal(site.site_id, person.name, person.ref, CLASSIC_CROP_PURPOSE, exc.reason,
@@ -318,6 +327,7 @@ def render_diffusion(site: Site, person: PersonState, adapter, node: RunningNode
     params = {**TINY_DIFFUSION_PARAMS, "identity": {"steps": steps}, "shading": {"steps": steps, **short},
               "harmonize": {"steps": steps, **short}}
     started = time.perf_counter()
-    _submit(client, rec.job_id, sealed, consent_ref, template, "diffusion", (True, True, True), settings.seed, params)
+    witness(site).keep_reply(_submit(client, rec.job_id, sealed, consent_ref, template, "diffusion", (True, True, True),
+                                     settings.seed, params))
     _collect(client, site, person, rec, analyzer, started)
     return rec

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-from .render import RenderRecord, RunningNode
+from .render import RenderRecord, RunningNode, witness
 from .sites import ACTOR, Site
 
 log = logging.getLogger("megaportrait.demo")
@@ -21,13 +22,17 @@ log = logging.getLogger("megaportrait.demo")
 class GrpcRenderNodeDeleter:
     """`consent.RenderNodeDeleter` over the node's gRPC API (DeletePerson), with the site's client certificate."""
 
-    def __init__(self, client) -> None:
+    def __init__(self, client, witness=None) -> None:  # type: ignore[no-untyped-def]
         self.client = client
+        self.witness = witness
 
     def delete_person(self, person_ref: str):
         from megaportrait.protos import render_pb2 as pb
 
-        return self.client.DeletePerson(pb.DeletePersonRequest(person_ref=person_ref), timeout=120)
+        reply = self.client.DeletePerson(pb.DeletePersonRequest(person_ref=person_ref), timeout=120)
+        if self.witness is not None:
+            self.witness.keep_reply(reply)  # the node's audit checkpoint, kept by the site
+        return reply
 
 
 @dataclass
@@ -63,7 +68,7 @@ def revoke_one(site: Site, person_name: str, node: RunningNode, records: list[Re
     client = node.client(site.site_id)
     try:
         result = revoke_person(person.ref, ledger=site.ledger, by="subject", site_stores=site.stores,
-                               render_node=GrpcRenderNodeDeleter(client), render_node_key=node.signing_public)
+                               render_node=GrpcRenderNodeDeleter(client, witness(site)), render_node_key=node.signing_public)
         pending: list[str] = []
     except RevocationIncomplete as exc:
         log.error("revocation of %s incomplete: %s", person.ref, ", ".join(exc.pending))
@@ -123,15 +128,18 @@ class AuditOutcome:
     refused: int
 
 
-def verify_logs(logs: list[tuple[str, object, Path]]) -> list[AuditOutcome]:
+def verify_logs(logs: list[tuple[str, object, Path]], witnesses: Sequence[Path] = ()) -> list[AuditOutcome]:
     """Close (checkpoint) and verify each (component, AuditLog, public key file): chain, signatures and checkpoints,
-    with the public key file alone (as an auditor would)."""
-    from megaportrait.shared.audit import read_entries, verify
+    with the public key file alone (as an auditor would), and against the checkpoints kept in `witnesses` (folders
+    of `shared.audit.WitnessStore`, e.g. each site's copy of the render node's)."""
+    from megaportrait.shared.audit import WitnessStore, load_public_key, read_entries, verify
 
     out = []
     for component, audit_log, public_key_file in logs:
         audit_log.close()
-        report = verify(audit_log.path, Path(public_key_file))
+        key = load_public_key(Path(public_key_file))
+        kept = [cp for folder in witnesses for cp in WitnessStore(folder).checkpoints(key)]
+        report = verify(audit_log.path, key, trusted_checkpoints=kept)
         actions: dict[str, int] = {}
         refused = 0
         for entry in read_entries(audit_log.path):
