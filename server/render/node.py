@@ -1,8 +1,10 @@
 """The render node: its keys, trusted sites, job store, backends, worker pool, audit log and retention sweeper.
 
 `RenderNode` is the transport-free core (the gRPC service in `service.py` is a thin adapter over it):
-submit -> verify the sealed payload -> store it encrypted -> a worker opens it in memory, renders, stores the
-encrypted result -> fetch -> delete (data key destroyed, signed confirmation).
+submit -> verify the sealed payload (signed by the site whose client certificate submits it) and the template -> store
+it encrypted -> a worker opens it in memory, renders, stores the encrypted result -> fetch -> delete (data key
+destroyed, signed confirmation). Every job status, result and deletion confirmation carries the node's latest signed
+audit checkpoint (`audit_checkpoint`), which the site keeps as a witness of the node's log.
 
 Every request and its outcome is written to the node's own audit log (`shared.audit`, hash-chained and signed with
 the node's audit key): submissions accepted or refused (with the reason code), each decryption, renders done or
