@@ -98,10 +98,11 @@ def test_a_batch_never_stops_on_one_photo_whatever_it_raises(analyzer, people, t
                 raise MemoryError("simulated")
             return analyzer.detect(image, **kw)
 
-    settings = FaceSettings(max_image_bytes=1024**3)
-    report = intake_photos([zero, huge, people["obama"][1], people["obama"][0]], settings, Exploding(), show_progress=False)
+    report = intake_photos([zero, huge, people["obama"][1], people["obama"][0]], FaceSettings(), Exploding(), show_progress=False)
     assert [(r.origin.split("/")[-1], r.reason) for r in report.rejected] == [
         ("zero.jpg", "not_a_file"), ("huge.jpg", "too_large"), (people["obama"][1].name, "intake_failed")]
     assert "MemoryError" in report.rejected[2].detail
     assert [a.origin for a in report.accepted] == [str(people["obama"][0])]
     assert {r.reason for r in report.rejected} <= set(REJECTION_REASONS)
+    small = intake_photos([people["obama"][0]], FaceSettings(max_image_bytes=1000), analyzer, show_progress=False)
+    assert small.reasons() == {str(people["obama"][0]): "too_large"}  # the configured limit is the one applied
