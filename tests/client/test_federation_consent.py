@@ -145,11 +145,12 @@ def test_sites_and_coordinator_witness_each_other_and_catch_a_truncated_log(roun
     coordinator_log, coordinator_key = audit_paths(rounds["second"].state_dir)
     runner = CliRunner()
     cases = []
+    coordinator_witness = rounds["second"].state_dir / WITNESS_DIR
     for site in ("site-a", "site-b", "site-c"):  # site-c declines every round: its declines are witnessed too
-        site_log = rounds["consent"] / site / "audit.jsonl"
-        kept = audit.WitnessStore(rounds["second"].state_dir / WITNESS_DIR).checkpoints(audit.load_public_key(f"{site_log.parent / 'site.key'}.pub"))
+        site_log, site_pub = rounds["consent"] / site / "audit.jsonl", str(rounds["consent"] / site / "site.key.pub")
+        kept = audit.WitnessStore(coordinator_witness).checkpoints(audit.load_public_key(site_pub))
         assert len(kept) >= 2, site  # from its budget answers and round metrics, both rounds
-        cases.append((site_log, f"{site_log.parent / 'site.key'}.pub", rounds["second"].state_dir / WITNESS_DIR, max(c.size for c in kept)))
+        cases.append((site_log, site_pub, coordinator_witness, max(c.size for c in kept)))
     site_witness = rounds["site_state"] / "site-a" / federation.WITNESS_DIR
     kept = audit.WitnessStore(site_witness).checkpoints(audit.load_public_key(f"{coordinator_key}.pub"))
     assert [c.size for c in kept] == sorted(c.size for c in kept) and len(kept) == 2  # rounds 1 and 2
