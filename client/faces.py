@@ -2,6 +2,7 @@
 
 Each photo is accepted (with any warning flags) or rejected with one reason; a batch goes on with the good ones.
 Rejection reasons, checked in this order:
+  not_a_file, too_large           - the file, before it is read (shared.imaging.load_image)
   unreadable, decompression_bomb  - the file (shared.imaging.load_image)
   no_face                         - no face above the detector's score threshold
   several_faces                   - another face at least `competing_face_ratio` the size of the largest
@@ -9,6 +10,7 @@ Rejection reasons, checked in this order:
   face_too_small                  - sqrt(box area) below `min_face_px`
   too_dark, too_bright            - mean L* of the face outside [min_brightness, max_brightness]
   blurred                         - Laplacian variance (at a 256-px face) below `min_sharpness`
+  intake_failed                   - anything else the photo raised (logged with its traceback); the batch goes on
 Flags (accepted, but said): low_resolution (face below `low_resolution_face_px`, the crop is upsampled),
 background_faces (smaller faces ignored).
 """
@@ -31,8 +33,8 @@ from megaportrait.shared.records import FaceCrop, FaceCropSet, FaceRecord, Sourc
 
 log = logging.getLogger("megaportrait.client.faces")
 
-REJECTION_REASONS = ("unreadable", "decompression_bomb", "no_face", "several_faces", "face_cut_off",
-                     "face_too_small", "too_dark", "too_bright", "blurred")
+REJECTION_REASONS = ("not_a_file", "too_large", "unreadable", "decompression_bomb", "no_face", "several_faces",
+                     "face_cut_off", "face_too_small", "too_dark", "too_bright", "blurred", "intake_failed")
 FLAGS = ("low_resolution", "background_faces")
 CROP_FACE_FRACTION = 0.75
 """Width of the 5-point template inside a crop, as a fraction of the crop: leaves hair, ears and chin in view."""
@@ -118,7 +120,8 @@ def crop_face(image: SourceImage, face: FaceRecord, size: int = 256) -> FaceCrop
 
 def intake_photo(source: str | Path | bytes | SourceImage, analyzer: FaceAnalyzer, settings: FaceSettings) -> AcceptedPhoto:
     """Load and check one photo; raise PhotoRejected with its reason, or return it accepted with its crop."""
-    image = source if isinstance(source, SourceImage) else load_image(source, max_pixels=settings.max_image_pixels)
+    image = source if isinstance(source, SourceImage) else load_image(
+        source, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
     faces = analyzer.detect(image, min_score=settings.min_detector_score)
     if faces:
         faces[0] = analyzer.fit_mesh(image, faces[0])
@@ -144,8 +147,17 @@ def intake_photos(sources: Iterable[str | Path | bytes | SourceImage], settings:
             except PhotoRejected as exc:
                 log.warning("rejected photo: %s", exc.reason)
                 report.rejected.append(exc)
+            except Exception as exc:  # noqa: BLE001 - one photo (MemoryError, a decoder bug) never ends the batch
+                log.exception("photo %d of the batch failed intake", len(report.accepted) + len(report.rejected) + 1)
+                report.rejected.append(PhotoRejected(_origin(src), "intake_failed", f"{type(exc).__name__}: {str(exc)[:200]}"))
             progress.advance(task)
     return report
+
+
+def _origin(src: str | Path | bytes | SourceImage) -> str:
+    if isinstance(src, SourceImage):
+        return src.origin
+    return "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
 
 
 def face_crop_set(person_ref: str, report: IntakeReport) -> FaceCropSet:

@@ -32,10 +32,12 @@ What leaves the site, per round (and nothing else; `outbox_audit_mod` writes eve
   coordinator's central noise covers the unweighted mean of the sites' clipped updates (a declined round sends
   back the arrays it received, with weight 0);
 - a metrics record: `site-id`, `epsilon` (cumulative, from the Opacus accountant), `delta`, `steps`,
-  `n-examples` (number of crops), `round-loss`, `declined`, `decline-reason`; with adaptive clipping also Flower's
-  `norm_bit` (whether the update was clipped; the coordinator noises the count);
+  `n-examples` (number of crops), `round-loss`, `declined`, `decline-reason`, `audit-checkpoint` (the signed size
+  and head hash of the site's audit log, which the coordinator keeps as its witness; hashes only); with adaptive
+  clipping also Flower's `norm_bit` (whether the update was clipped; the coordinator noises the count);
 - answers to the coordinator's budget query: `site-id`, `epsilon`, `epsilon-next` (what the accountant says the
-  next round would bring the site to), `n-examples`, `declined`, `decline-reason`;
+  next round would bring the site to), `n-examples`, `declined`, `decline-reason`, `audit-checkpoint` (as above: a
+  site that declines every round is witnessed too);
 - under SecAgg+, the protocol's public keys, encrypted key shares and masked vectors.
 
 Photos, crops, embeddings, per-person adapters, person refs and file names never leave.
@@ -77,14 +79,18 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from megaportrait.shared.audit import WitnessStore
 from megaportrait.shared.consent import FEDERATED_TRAINING_PURPOSE
 from megaportrait.shared.errors import MegaPortraitError
 
 log = logging.getLogger("megaportrait.client.federation")
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-METRIC_KEYS = ("site-id", "epsilon", "delta", "steps", "n-examples", "round-loss", "declined", "decline-reason")
-PROPERTY_KEYS = ("site-id", "epsilon", "epsilon-next", "n-examples", "declined", "decline-reason")
+METRIC_KEYS = ("site-id", "epsilon", "delta", "steps", "n-examples", "round-loss", "declined", "decline-reason",
+               "audit-checkpoint")
+WITNESS_DIR = "witness"
+"""Under the site's state dir: the coordinator's audit checkpoints, kept as its witness (`shared.audit.WitnessStore`)."""
+PROPERTY_KEYS = ("site-id", "epsilon", "epsilon-next", "n-examples", "declined", "decline-reason", "audit-checkpoint")
 LEDGER_FILE = "privacy-ledger.json"
 GLOBAL_ADAPTER_FILE = "global-adapter.npz"
 OUTBOX_DIR = "outbox"
@@ -524,14 +530,14 @@ class GlobalAdapterClient(NumPyClient):
         data = self._round_data("budget-query")
         eps = self.ledger.epsilon()
         if data.declined:
-            self._audit_round(int(config.get("server-round", 0)), "refused", data,
-                              detail={"stage": "budget-query", "reason": data.declined})
+            checkpoint = self._audit_round(int(config.get("server-round", 0)), "refused", data,
+                                           detail={"stage": "budget-query", "reason": data.declined})
             return {"site-id": self.site.site_id, "epsilon": eps, "epsilon-next": eps, "n-examples": 0,
-                    "declined": 1, "decline-reason": data.declined}
+                    "declined": 1, "decline-reason": data.declined, "audit-checkpoint": checkpoint}
         n = len(data.crops)
         return {"site-id": self.site.site_id, "epsilon": eps,
                 "epsilon-next": self.ledger.epsilon([self._next_release(n, steps)]), "n-examples": n,
-                "declined": 0, "decline-reason": ""}
+                "declined": 0, "decline-reason": "", "audit-checkpoint": self._audit_checkpoint()}
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         raise SiteError("sites do not provide initial parameters; the coordinator builds the global adapter",
@@ -540,6 +546,7 @@ class GlobalAdapterClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         steps = int(config.get("local-steps", self.local_steps))
         server_round = int(config.get("server-round", 0))
+        WitnessStore(self.site.state_dir / WITNESS_DIR).keep_text(str(config.get("audit-checkpoint", "")))  # coordinator's
         data = self._round_data("train")
         if data.declined:
             return self._decline(parameters, server_round, data)
@@ -574,39 +581,48 @@ class GlobalAdapterClient(NumPyClient):
         # The release happened: account for it before anything is sent.
         eps = self.ledger.record(report.noise_multiplier, report.sample_rate, report.steps, run=str(self.run_id),
                                  round=server_round, n_examples=len(crops))
-        self._audit_round(server_round, "ok", data, detail={"stage": "train", "epsilon": eps,
-                                                           "steps": report.steps, "n_examples": len(crops)},
-                          photos=sorted(set(crops.photo_sha256)))
+        checkpoint = self._audit_round(server_round, "ok", data, detail={"stage": "train", "epsilon": eps,
+                                                                        "steps": report.steps, "n_examples": len(crops)},
+                                       photos=sorted(set(crops.photo_sha256)))
         finite = [x for x in losses if not math.isnan(x)]
         log.info("site %s round %d: %d crops of %d consented people, %d DP steps, epsilon %.3g", self.site.site_id,
                  server_round, len(crops), len(data.people), report.steps, eps)
         metrics = {"site-id": self.site.site_id, "epsilon": eps, "delta": report.delta, "steps": report.steps,
                    "n-examples": len(crops), "round-loss": float(np.mean(finite)) if finite else float("nan"),
-                   "declined": 0, "decline-reason": ""}
+                   "declined": 0, "decline-reason": "", "audit-checkpoint": checkpoint}
         return arrays, len(crops), metrics
 
     def _decline(self, parameters: list[np.ndarray], server_round: int, data: RoundData
                  ) -> tuple[list[np.ndarray], int, dict]:
         """No training: the arrays go back as received, with weight 0 and `declined = 1` (the coordinator leaves
         the reply out of the aggregate; under SecAgg+ weight 0 adds nothing to the masked sum)."""
-        self._audit_round(server_round, "refused", data, detail={"stage": "train", "reason": data.declined})
+        checkpoint = self._audit_round(server_round, "refused", data, detail={"stage": "train", "reason": data.declined})
         log.warning("site %s declines round %d: %s", self.site.site_id, server_round, data.declined)
         metrics = {"site-id": self.site.site_id, "epsilon": self.ledger.epsilon(), "delta": self.ledger.delta,
                    "steps": 0, "n-examples": 0, "round-loss": float("nan"), "declined": 1,
-                   "decline-reason": data.declined}
+                   "decline-reason": data.declined, "audit-checkpoint": checkpoint}
         return [np.asarray(a) for a in parameters], 0, metrics
 
     def _audit_round(self, server_round: int, outcome: str, data: RoundData, *, detail: dict[str, Any],
-                     photos: Sequence[str] = ()) -> None:
+                     photos: Sequence[str] = ()) -> str:
         """A `federation.train` entry in the site's audit log: the photos trained on (by sha256), or the decline
-        (at the budget query or at training)."""
+        (at the budget query or at training). Returns the log's signed checkpoint after it, as text ("" without a
+        log), for the round metrics."""
         if self.site.consent is None:
-            return  # nowhere to write it; the decline is logged as an error above
+            return ""  # nowhere to write it; the decline is logged as an error above
         with self.site.consent.open(self.site.site_id) as ledger:
             ledger.audit.append("federation.train", actor=CONSENT_ACTOR, outcome=outcome, data=list(photos),
                                 policy=ledger.policy.version_hash,
                                 detail={"run": str(self.run_id), "round": server_round, "photos": len(photos),
                                         "people": len(data.people), "excluded_people": data.excluded, **detail})
+            return ledger.audit.current_checkpoint().to_text()
+
+    def _audit_checkpoint(self) -> str:
+        """The site's audit log's signed checkpoint as text ("" without a log): what the coordinator witnesses."""
+        if self.site.consent is None:
+            return ""
+        with self.site.consent.open(self.site.site_id) as ledger:
+            return ledger.audit.current_checkpoint().to_text()
 
     def _save_global(self, arrays: Sequence[np.ndarray], server_round: int) -> None:
         """Keep the latest global adapter received, for `personalise_adapter`."""

@@ -132,6 +132,12 @@ def connect(link: Any) -> NodeConnection:
     return open_connection(link.address, tls, expected, timeout_s=link.timeout_s)
 
 
+def _witnessed(site: Site, reply: Any) -> Any:
+    """Keep the node's audit checkpoint that came with `reply` in the site's witness store; return the reply."""
+    site.witness.keep_reply(reply)
+    return reply
+
+
 def _reason(err: Any) -> str:
     for key, value in (err.trailing_metadata() or ()):
         if key == REASON_KEY:
@@ -367,12 +373,12 @@ def _send(site: Site, conn: NodeConnection, rec: JobRecord, request: RenderReque
     sealed = sealed_path.read_bytes()
     stages = request.stages
     try:
-        status = conn.stub.SubmitJob(pb.SubmitJobRequest(
+        status = _witnessed(site, conn.stub.SubmitJob(pb.SubmitJobRequest(
             job_id=rec.job_id, backend=request.backend, sealed_payload=sealed,
             consent_ref=Envelope.parse(sealed).header.consent_ref, template_image=request.template,
             seed=request.seed, params_json=json.dumps(request.params),
             stages=pb.StageSwitches(identity=stages.identity, shading=stages.shading, harmonize=stages.harmonize)),
-            timeout=conn.timeout_s)
+            timeout=conn.timeout_s))
     except grpc.RpcError as err:
         error = _transport_error(err, conn.address)
         if isinstance(error, RenderRefused):  # the node looked at it and said no: the staged payload goes
@@ -426,7 +432,7 @@ def follow(site: Site, conn: NodeConnection, job_id: str,
         rec = site.jobs.get(job_id)
         error = ""
         if state != "succeeded":
-            status = conn.stub.GetJob(pb.JobRef(job_id=job_id), timeout=conn.timeout_s)
+            status = _witnessed(site, conn.stub.GetJob(pb.JobRef(job_id=job_id), timeout=conn.timeout_s))
             error = f"{status.error_reason}: {status.error_message}"
         site.jobs.update(job_id, state=state, error=error)
         _drop_payload(site, rec, actor="site")  # the node has what it needs; a finished job is never resubmitted
@@ -472,7 +478,7 @@ def fetch_portrait(site: Site, conn: NodeConnection, job_id: str, *, analyzer: A
         delete_jobs(site, conn, [job_id], actor=actor, state="withdrawn")
         raise
     try:
-        result = conn.stub.FetchResult(pb.JobRef(job_id=job_id), timeout=conn.timeout_s)
+        result = _witnessed(site, conn.stub.FetchResult(pb.JobRef(job_id=job_id), timeout=conn.timeout_s))
     except grpc.RpcError as err:
         raise _transport_error(err, conn.address) from None
     if sha256_hex(result.png) != result.png_sha256:
@@ -526,7 +532,7 @@ def refresh(site: Site, conn: NodeConnection, job_id: str) -> JobRecord:
     if rec.finished or rec.state == "sealed":
         return rec
     try:
-        status = conn.stub.GetJob(pb.JobRef(job_id=job_id), timeout=conn.timeout_s)
+        status = _witnessed(site, conn.stub.GetJob(pb.JobRef(job_id=job_id), timeout=conn.timeout_s))
     except grpc.RpcError as err:
         if err.code() == grpc.StatusCode.NOT_FOUND:
             return site.jobs.update(job_id, state="deleted", error="the render node no longer has this job")
@@ -555,7 +561,7 @@ def cancel_job(site: Site, conn: NodeConnection, job_id: str, *, actor: str = "o
 
     rec = site.jobs.get(job_id)
     try:
-        status = conn.stub.CancelJob(pb.JobRef(job_id=job_id), timeout=conn.timeout_s)
+        status = _witnessed(site, conn.stub.CancelJob(pb.JobRef(job_id=job_id), timeout=conn.timeout_s))
     except grpc.RpcError as err:
         raise _transport_error(err, conn.address) from None
     site.audit.append("render.cancel", actor=actor, person=rec.person_ref, detail={"job": job_id})
@@ -576,7 +582,7 @@ def delete_jobs(site: Site, conn: NodeConnection, job_ids: list[str], *, actor: 
 
     recs = [site.jobs.get(j) for j in job_ids]
     try:
-        raw = conn.stub.DeleteJobs(pb.DeleteJobsRequest(job_ids=job_ids), timeout=conn.timeout_s)
+        raw = _witnessed(site, conn.stub.DeleteJobs(pb.DeleteJobsRequest(job_ids=job_ids), timeout=conn.timeout_s))
         conf = DeletionConfirmation.from_raw(raw, conn.signing_public)
         try:
             verify_deletion(conf, conn.signing_public)
@@ -607,13 +613,15 @@ def delete_jobs(site: Site, conn: NodeConnection, job_ids: list[str], *, actor: 
 class PersonDeleter:
     """`shared.consent.RenderNodeDeleter` over the node's DeletePerson, for revocation (`client.revocation`)."""
 
-    def __init__(self, conn: NodeConnection) -> None:
+    def __init__(self, conn: NodeConnection, site: Site | None = None) -> None:
         self.conn = conn
+        self.site = site
 
     def delete_person(self, person_ref: str):
         from megaportrait.protos import render_pb2 as pb
 
-        return self.conn.stub.DeletePerson(pb.DeletePersonRequest(person_ref=person_ref), timeout=120)
+        reply = self.conn.stub.DeletePerson(pb.DeletePersonRequest(person_ref=person_ref), timeout=120)
+        return _witnessed(self.site, reply) if self.site is not None else reply
 
 
 def wait_for_portrait(site: Site, conn: NodeConnection, job_id: str, *, analyzer: Any = None,

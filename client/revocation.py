@@ -56,7 +56,7 @@ def revoke(site: Site, person_ref: str, conn: Any = None, *, by: str = "subject"
 
     stores = [*site.stores, site.jobs]
     node_key = conn.signing_public if conn is not None else None
-    deleter = PersonDeleter(conn) if conn is not None else None
+    deleter = PersonDeleter(conn, site) if conn is not None else None
     try:
         result = revoke_person(person_ref, ledger=site.ledger, by=by, site_stores=stores, render_node=deleter,
                                render_node_key=node_key)

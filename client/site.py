@@ -124,6 +124,14 @@ class Site:
         return [self.photos, self.crops, self.adapters, self.portraits, self.payloads, *self.extra, self.crop_cache]
 
     @property
+    def witness(self):
+        """The render node's and the coordinator's audit checkpoints this site keeps (`shared.audit.WitnessStore`)."""
+        from megaportrait.client.federation import WITNESS_DIR
+        from megaportrait.shared.audit import WitnessStore
+
+        return WitnessStore(self.root / WITNESS_DIR)
+
+    @property
     def jobs(self):
         """The site's book of render jobs (`client.render_requests.JobBook`), opened on first use."""
         if self._jobs is None:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0crender.proto\x12\x16megaportrait.render.v1\"E\n\rStageSwitches\x12\x10\n\x08identity\x18\x01 \x01(\x08\x12\x0f\n\x07shading\x18\x02 \x01(\x08\x12\x11\n\tharmonize\x18\x03 \x01(\x08\"\x11\n\x0fNodeInfoRequest\"\xdb\x01\n\x08NodeInfo\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nhpke_suite\x18\x03 \x01(\t\x12\x17\n\x0fhpke_public_key\x18\x04 \x01(\x0c\x12\x18\n\x10hpke_fingerprint\x18\x05 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x06 \x01(\x0c\x12\x1b\n\x13signing_fingerprint\x18\x07 \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x08 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_backend\x18\t \x01(\t\"\xd2\x01\n\x10SubmitJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0esealed_payload\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63onsent_ref\x18\x04 \x01(\t\x12\x16\n\x0etemplate_image\x18\x05 \x01(\x0c\x12\x35\n\x06stages\x18\x06 \x01(\x0b\x32%.megaportrait.render.v1.StageSwitches\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x13\n\x0bparams_json\x18\x08 \x01(\t\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xe5\x01\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .megaportrait.render.v1.JobState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08\x66raction\x18\x04 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\x06 \x01(\t\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x10\n\x08\x65xisting\x18\x08 \x01(\x08\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\t\"\x88\x01\n\x0eProgressUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .megaportrait.render.v1.JobState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08\x66raction\x18\x04 \x01(\x02\x12\x14\n\x0c\x65rror_reason\x18\x05 \x01(\t\"V\n\x0cRenderResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x12\n\npng_sha256\x18\x04 \x01(\t\"$\n\x11\x44\x65leteJobsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\")\n\x13\x44\x65letePersonRequest\x12\x12\n\nperson_ref\x18\x01 \x01(\t\"i\n\x14\x44\x65letionConfirmation\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1a\n\x12signer_fingerprint\x18\x03 \x01(\t\x12\x0f\n\x07job_ids\x18\x04 \x03(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xe0\x05\n\nRenderNode\x12X\n\x0bGetNodeInfo\x12\'.megaportrait.render.v1.NodeInfoRequest\x1a .megaportrait.render.v1.NodeInfo\x12X\n\tSubmitJob\x12(.megaportrait.render.v1.SubmitJobRequest\x1a!.megaportrait.render.v1.JobStatus\x12K\n\x06GetJob\x12\x1e.megaportrait.render.v1.JobRef\x1a!.megaportrait.render.v1.JobStatus\x12Z\n\x0eStreamProgress\x12\x1e.megaportrait.render.v1.JobRef\x1a&.megaportrait.render.v1.ProgressUpdate0\x01\x12S\n\x0b\x46\x65tchResult\x12\x1e.megaportrait.render.v1.JobRef\x1a$.megaportrait.render.v1.RenderResult\x12N\n\tCancelJob\x12\x1e.megaportrait.render.v1.JobRef\x1a!.megaportrait.render.v1.JobStatus\x12\x65\n\nDeleteJobs\x12).megaportrait.render.v1.DeleteJobsRequest\x1a,.megaportrait.render.v1.DeletionConfirmation\x12i\n\x0c\x44\x65letePerson\x12+.megaportrait.render.v1.DeletePersonRequest\x1a,.megaportrait.render.v1.DeletionConfirmationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0crender.proto\x12\x16megaportrait.render.v1\"E\n\rStageSwitches\x12\x10\n\x08identity\x18\x01 \x01(\x08\x12\x0f\n\x07shading\x18\x02 \x01(\x08\x12\x11\n\tharmonize\x18\x03 \x01(\x08\"\x11\n\x0fNodeInfoRequest\"\xdb\x01\n\x08NodeInfo\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nhpke_suite\x18\x03 \x01(\t\x12\x17\n\x0fhpke_public_key\x18\x04 \x01(\x0c\x12\x18\n\x10hpke_fingerprint\x18\x05 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x06 \x01(\x0c\x12\x1b\n\x13signing_fingerprint\x18\x07 \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x08 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_backend\x18\t \x01(\t\"\xd2\x01\n\x10SubmitJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0esealed_payload\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63onsent_ref\x18\x04 \x01(\t\x12\x16\n\x0etemplate_image\x18\x05 \x01(\x0c\x12\x35\n\x06stages\x18\x06 \x01(\x0b\x32%.megaportrait.render.v1.StageSwitches\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x13\n\x0bparams_json\x18\x08 \x01(\t\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xa8\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .megaportrait.render.v1.JobState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08\x66raction\x18\x04 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\x06 \x01(\t\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x10\n\x08\x65xisting\x18\x08 \x01(\x08\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\t\x12\x41\n\x10\x61udit_checkpoint\x18\x0b \x01(\x0b\x32\'.megaportrait.render.v1.AuditCheckpoint\"\x88\x01\n\x0eProgressUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .megaportrait.render.v1.JobState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08\x66raction\x18\x04 \x01(\x02\x12\x14\n\x0c\x65rror_reason\x18\x05 \x01(\t\"\x99\x01\n\x0cRenderResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x12\n\npng_sha256\x18\x04 \x01(\t\x12\x41\n\x10\x61udit_checkpoint\x18\x05 \x01(\x0b\x32\'.megaportrait.render.v1.AuditCheckpoint\"$\n\x11\x44\x65leteJobsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\")\n\x13\x44\x65letePersonRequest\x12\x12\n\nperson_ref\x18\x01 \x01(\t\"\xac\x01\n\x14\x44\x65letionConfirmation\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1a\n\x12signer_fingerprint\x18\x03 \x01(\t\x12\x0f\n\x07job_ids\x18\x04 \x03(\t\x12\x41\n\x10\x61udit_checkpoint\x18\x05 \x01(\x0b\x32\'.megaportrait.render.v1.AuditCheckpoint\"V\n\x0f\x41uditCheckpoint\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0c\n\x04head\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x0b\n\x03sig\x18\x05 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xe0\x05\n\nRenderNode\x12X\n\x0bGetNodeInfo\x12\'.megaportrait.render.v1.NodeInfoRequest\x1a .megaportrait.render.v1.NodeInfo\x12X\n\tSubmitJob\x12(.megaportrait.render.v1.SubmitJobRequest\x1a!.megaportrait.render.v1.JobStatus\x12K\n\x06GetJob\x12\x1e.megaportrait.render.v1.JobRef\x1a!.megaportrait.render.v1.JobStatus\x12Z\n\x0eStreamProgress\x12\x1e.megaportrait.render.v1.JobRef\x1a&.megaportrait.render.v1.ProgressUpdate0\x01\x12S\n\x0b\x46\x65tchResult\x12\x1e.megaportrait.render.v1.JobRef\x1a$.megaportrait.render.v1.RenderResult\x12N\n\tCancelJob\x12\x1e.megaportrait.render.v1.JobRef\x1a!.megaportrait.render.v1.JobStatus\x12\x65\n\nDeleteJobs\x12).megaportrait.render.v1.DeleteJobsRequest\x1a,.megaportrait.render.v1.DeletionConfirmation\x12i\n\x0c\x44\x65letePerson\x12+.megaportrait.render.v1.DeletePersonRequest\x1a,.megaportrait.render.v1.DeletionConfirmationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'render_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1239
-  _globals['_JOBSTATE']._serialized_end=1393
+  _globals['_JOBSTATE']._serialized_start=1530
+  _globals['_JOBSTATE']._serialized_end=1684
   _globals['_STAGESWITCHES']._serialized_start=40
   _globals['_STAGESWITCHES']._serialized_end=109
   _globals['_NODEINFOREQUEST']._serialized_start=111
@@ -44,17 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBREF']._serialized_start=565
   _globals['_JOBREF']._serialized_end=589
   _globals['_JOBSTATUS']._serialized_start=592
-  _globals['_JOBSTATUS']._serialized_end=821
-  _globals['_PROGRESSUPDATE']._serialized_start=824
-  _globals['_PROGRESSUPDATE']._serialized_end=960
-  _globals['_RENDERRESULT']._serialized_start=962
-  _globals['_RENDERRESULT']._serialized_end=1048
-  _globals['_DELETEJOBSREQUEST']._serialized_start=1050
-  _globals['_DELETEJOBSREQUEST']._serialized_end=1086
-  _globals['_DELETEPERSONREQUEST']._serialized_start=1088
-  _globals['_DELETEPERSONREQUEST']._serialized_end=1129
-  _globals['_DELETIONCONFIRMATION']._serialized_start=1131
-  _globals['_DELETIONCONFIRMATION']._serialized_end=1236
-  _globals['_RENDERNODE']._serialized_start=1396
-  _globals['_RENDERNODE']._serialized_end=2132
+  _globals['_JOBSTATUS']._serialized_end=888
+  _globals['_PROGRESSUPDATE']._serialized_start=891
+  _globals['_PROGRESSUPDATE']._serialized_end=1027
+  _globals['_RENDERRESULT']._serialized_start=1030
+  _globals['_RENDERRESULT']._serialized_end=1183
+  _globals['_DELETEJOBSREQUEST']._serialized_start=1185
+  _globals['_DELETEJOBSREQUEST']._serialized_end=1221
+  _globals['_DELETEPERSONREQUEST']._serialized_start=1223
+  _globals['_DELETEPERSONREQUEST']._serialized_end=1264
+  _globals['_DELETIONCONFIRMATION']._serialized_start=1267
+  _globals['_DELETIONCONFIRMATION']._serialized_end=1439
+  _globals['_AUDITCHECKPOINT']._serialized_start=1441
+  _globals['_AUDITCHECKPOINT']._serialized_end=1527
+  _globals['_RENDERNODE']._serialized_start=1687
+  _globals['_RENDERNODE']._serialized_end=2423
 # @@protoc_insertion_point(module_scope)

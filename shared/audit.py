@@ -16,7 +16,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,11 +32,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .errors import MegaPortraitError
 
+log = logging.getLogger("megaportrait.audit")
+
 Outcome = Literal["ok", "refused", "failed"]
 OUTCOMES: tuple[str, ...] = ("ok", "refused", "failed")
 GENESIS = "0" * 64
 _ENTRY_DOMAIN = b"megaportrait-audit-entry-v1\n"
 _CHECKPOINT_DOMAIN = b"megaportrait-audit-checkpoint-v1\n"
+DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_CHECKPOINT_INTERVAL_S = 300.0
 _ENTRY_FIELDS = ("seq", "ts", "component", "actor", "action", "person", "data", "policy", "outcome", "detail", "prev")
 
 
@@ -198,6 +204,29 @@ class Checkpoint:
     def from_json(cls, obj: dict) -> "Checkpoint":
         return cls(size=int(obj["size"]), head=str(obj["head"]), ts=str(obj["ts"]), key_id=str(obj["key_id"]), sig=str(obj["sig"]))
 
+    def to_text(self) -> str:
+        """One line of JSON: how a checkpoint travels in Flower configs and metrics."""
+        return canonical_json(self.to_json()).decode()
+
+    @classmethod
+    def from_text(cls, text: str) -> "Checkpoint":
+        try:
+            return cls.from_json(json.loads(text))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise AuditError(f"not a checkpoint ({exc})") from exc
+
+
+def _last_checkpoint(path: Path) -> Checkpoint | None:
+    """The last line of a checkpoint file, or None when there is none or it is not a checkpoint."""
+    if not path.is_file() or not path.stat().st_size:
+        return None
+    with open(path, "rb") as fh:
+        raw = _last_line(fh, os.fstat(fh.fileno()).st_size)
+    try:
+        return Checkpoint.from_json(json.loads(raw))
+    except (ValueError, TypeError, KeyError):
+        return None
+
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
@@ -211,7 +240,9 @@ class AuditLog:
 
     `checkpoint_every`: write a signed checkpoint after this many appends, and `checkpoint_interval_s` after the first
     append that comes this long after the last checkpoint (0 turns either off; `checkpoint()` and `close()` always
-    write one).
+    write one; `run_checkpoints` also writes one every interval while entries wait uncovered).
+    At start-up a non-empty log whose last checkpoint does not cover it (the previous run was killed) gets a
+    checkpoint of the size at which that run ended.
     `fsync`: flush each append to disk before returning (on by default: an entry that was acknowledged survives a
     crash).
     """
@@ -222,8 +253,8 @@ class AuditLog:
         key: Ed25519PrivateKey,
         *,
         component: str,
-        checkpoint_every: int = 1000,
-        checkpoint_interval_s: float = 3600.0,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S,
         fsync: bool = True,
     ) -> None:
         self.path = Path(path)
@@ -240,8 +271,36 @@ class AuditLog:
         self._next_seq = 0
         self._head = GENESIS
         self._since_checkpoint = 0
+        self._last_cp: Checkpoint | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch(exist_ok=True)
+        self._checkpoint_at_start()
+
+    def _checkpoint_at_start(self) -> None:
+        """Cover what the previous run appended after its last checkpoint (it may have been killed before closing)."""
+        try:
+            size, head = self._current()
+        except AuditError as exc:
+            log.error("%s; no start-up checkpoint written", exc)
+            return
+        last = _last_checkpoint(self.checkpoint_path)
+        if last is not None and last.size > size:
+            log.error("%s: has %d entries but its checkpoint of %s says %d: entries were removed from the end; "
+                      "run `megaportrait audit verify --witness`", self.path, size, last.ts, last.size)  # fmt: skip
+        if size == 0 or (last is not None and (last.size, last.head) == (size, head)):
+            self._last_cp = last
+            return
+        self.checkpoint()
+
+    def _current(self) -> tuple[int, str]:
+        """(size, head) of the file as it is now, whoever appended last."""
+        with self._lock, open(self.path, "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+            try:
+                self._refresh_tail(fh)
+                return self._next_seq, self._head
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     @property
     def public_key(self) -> Ed25519PublicKey:
@@ -323,14 +382,43 @@ class AuditLog:
                     os.fsync(cf.fileno())
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
+            self._last_cp = cp
         return cp
+
+    def current_checkpoint(self) -> Checkpoint:
+        """A signed checkpoint covering every entry now in the log: the last one when it still does, else a new one.
+
+        What a component hands to its witnesses with each reply.
+        """
+        size, head = self._current()
+        last = self._last_cp
+        if last is not None and (last.size, last.head) == (size, head):
+            return last
+        return self.checkpoint()
+
+    def run_checkpoints(self, stop: threading.Event) -> threading.Thread:
+        """A daemon thread that checkpoints every `checkpoint_interval_s` while this process left entries uncovered."""
+
+        def loop() -> None:
+            while not stop.wait(self.checkpoint_interval_s):
+                if self._since_checkpoint:
+                    try:
+                        self.checkpoint()
+                    except (AuditError, OSError):
+                        log.exception("periodic audit checkpoint of %s failed", self.path)
+
+        thread = threading.Thread(target=loop, name="audit-checkpoints", daemon=True)
+        if self.checkpoint_interval_s:
+            thread.start()
+        return thread
 
     def close(self) -> Checkpoint | None:
         """At shutdown: checkpoint what was appended since the last checkpoint (None when nothing was)."""
         return self.checkpoint() if self._since_checkpoint else None
 
 
-def open_component_log(log_path: str | Path, key_path: str | Path, *, component: str, checkpoint_every: int = 1000) -> AuditLog:
+def open_component_log(log_path: str | Path, key_path: str | Path, *, component: str,
+                       checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> AuditLog:
     """A component's audit log at start-up: its signing key is created on first start (public key beside it)."""
     return AuditLog(log_path, load_or_create_signing_key(key_path), component=component, checkpoint_every=checkpoint_every)
 
@@ -494,25 +582,38 @@ def verify(
         if prior is not None and prior[1].hash != e.prev:
             problems.append(Problem("chain_broken", n, e.seq, f"prev hash does not match entry seq {e.seq - 1} (line {prior[0]})"))
 
-    # Checkpoints: each must be signed, and the entry at size - 1 must have the head it names.
-    checkpoints = list(read_checkpoints(path)) + list(trusted_checkpoints)
+    # Checkpoints: each must be signed, and the entry at size - 1 must have the head it names. Witnessed ones (kept
+    # by another party) are named as such: they are what catches a log cut together with its own checkpoint file.
+    checkpoints: list[tuple[Checkpoint, str]] = []
+    seen: set[str] = set()
+    for cp, label in [(cp, "checkpoint") for cp in read_checkpoints(path)] + [(cp, "witnessed checkpoint") for cp in trusted_checkpoints]:
+        if cp.sig not in seen:
+            seen.add(cp.sig)
+            checkpoints.append((cp, label))
     last_size: int | None = None
     count = len(rows)
-    for cp in checkpoints:
+    top = max(by_seq) + 1 if by_seq else 0
+    worst_cut: tuple[int, str, str] | None = None  # the largest size a valid checkpoint names beyond the log's end
+    for cp, label in checkpoints:
         if not _sig_ok(pub, cp.sig, cp.signed_bytes()):
-            problems.append(Problem("bad_checkpoint", None, None, f"checkpoint at size {cp.size} ({cp.ts}) has a bad signature"))
+            problems.append(Problem("bad_checkpoint", None, None, f"{label} at size {cp.size} ({cp.ts}) has a bad signature"))
             continue
         last_size = cp.size if last_size is None else max(last_size, cp.size)
         if cp.size == 0:
             continue
         at = by_seq.get(cp.size - 1)
         if at is None:
-            top = max(by_seq) + 1 if by_seq else 0
-            if cp.size > top:
-                problems.append(Problem("truncated", None, cp.size - 1, f"checkpoint of {cp.ts} says the log had {cp.size} entries, it has {top}: entries at the end were deleted"))
+            if cp.size > top and (worst_cut is None or cp.size > worst_cut[0]):
+                worst_cut = (cp.size, cp.ts, label)
             continue
         if at[1].hash != cp.head:
-            problems.append(Problem("chain_broken", at[0], cp.size - 1, f"entry does not match the head signed in checkpoint of {cp.ts}"))
+            problems.append(Problem("chain_broken", at[0], cp.size - 1, f"entry does not match the head signed in the {label} of "
+                                    f"{cp.ts}: entries up to seq {cp.size - 1} were removed and others written in their place"))  # fmt: skip
+    if worst_cut is not None:
+        size, ts, label = worst_cut
+        span = f"seq {top}" if size - 1 == top else f"seqs {top}..{size - 1}"
+        problems.append(Problem("truncated", None, top, f"{label} of {ts} says the log had {size} entries, it has {top}: "
+                                f"{span} missing ({size - top} entries deleted from the end)"))  # fmt: skip
     head = rows[-1][1].hash if rows else GENESIS
     problems.sort(key=lambda p: (p.line if p.line is not None else 1 << 60, p.kind))
     return VerifyReport(path=path, entries=count, checkpoints=len(checkpoints), last_checkpoint_size=last_size, head=head, problems=tuple(problems))
@@ -528,6 +629,65 @@ def _runs(values: list[int]) -> Iterator[tuple[int, int]]:
             start = v
         prev = v
     yield start, prev
+
+
+# --- witnesses ---------------------------------------------------------------------------------------------------
+
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+
+class WitnessStore:
+    """Checkpoints of other components' logs, kept by a witness in `<directory>/<key_id>.checkpoints` (JSON lines).
+
+    A component that truncates its own log and checkpoint file cannot reach these copies, so `verify` with them
+    (`megaportrait audit verify --witness DIR`) still says which entries are missing. The store keeps what it is
+    handed without judging it (it may not know the writer's key); the verifier checks every signature.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def keep(self, cp: Checkpoint | None) -> bool:
+        """Append `cp` unless it is the last one kept for its key; False when skipped (None, repeat or bad key id)."""
+        if cp is None:
+            return False
+        if not _KEY_ID.fullmatch(cp.key_id):
+            log.warning("witness: refusing a checkpoint with key id %r (not 16 hex characters)", cp.key_id[:40])
+            return False
+        path = self.directory / f"{cp.key_id}.checkpoints"
+        if _last_checkpoint(path) == cp:
+            return False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            fh.write(canonical_json(cp.to_json()) + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+
+    def keep_text(self, text: str) -> bool:
+        """Keep a checkpoint that arrived as `Checkpoint.to_text()` (Flower configs and metrics); "" keeps nothing."""
+        if not text:
+            return False
+        try:
+            return self.keep(Checkpoint.from_text(text))
+        except AuditError as exc:
+            log.warning("witness: %s", exc)
+            return False
+
+    def keep_reply(self, reply: Any) -> bool:
+        """Keep the `audit_checkpoint` a render node sent with a reply (JobStatus, RenderResult, DeletionConfirmation)."""
+        if not reply.HasField("audit_checkpoint"):
+            return False
+        m = reply.audit_checkpoint
+        return self.keep(Checkpoint(size=int(m.size), head=m.head, ts=m.ts, key_id=m.key_id, sig=m.sig))
+
+    def checkpoints(self, key: str | Ed25519PublicKey | None = None) -> list[Checkpoint]:
+        """Every checkpoint kept (only those of `key`, a public key or key id, when given)."""
+        if key is not None and not isinstance(key, str):
+            key = key_id(key)
+        files = sorted(self.directory.glob("*.checkpoints")) if key is None else [self.directory / f"{key}.checkpoints"]
+        return [cp for f in files if f.is_file() for cp in read_checkpoints(str(f).removesuffix(".checkpoints"))]
 
 
 # --- filtering (CLI and review page) ----------------------------------------------------------------------------
@@ -566,9 +726,30 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
-def filter_entries(paths: Iterable[str | Path], flt: EntryFilter) -> list[AuditEntry]:
-    """Entries of several logs that match `flt`, merged in time order."""
-    out = [e for p in paths for e in read_entries(p) if flt.matches(e)]
+def filter_entries(paths: Iterable[str | Path], flt: EntryFilter, *, skipped: list[str] | None = None) -> list[AuditEntry]:
+    """Entries of several logs that match `flt`, merged in time order.
+
+    A line that is not an entry, or a log that cannot be read, raises AuditError; with `skipped` given it is left
+    out instead and said there ("<file>:<line>: <reason>"), so one damaged log does not hide the others.
+    """
+    out = []
+    for p in paths:
+        if skipped is None:
+            out += [e for e in read_entries(p) if flt.matches(e)]
+            continue
+        try:
+            with open(p, "rb") as fh:
+                for n, raw in enumerate(fh, start=1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        e = AuditEntry.from_json(json.loads(raw))
+                        if flt.matches(e):  # matching parses the time: a bad one is a bad entry too
+                            out.append(e)
+                    except (ValueError, TypeError) as exc:
+                        skipped.append(f"{Path(p).name}:{n}: not an audit entry ({str(exc)[:200]})")
+        except OSError as exc:
+            skipped.append(f"{Path(p).name}: cannot be read ({exc.strerror or exc})")
     out.sort(key=lambda e: (e.ts, e.component, e.seq))
     return out
 

@@ -42,8 +42,14 @@ def verify(
     log: Annotated[Optional[Path], typer.Argument(help="Audit log (default: policy.audit_log).")] = None,
     public_key: Annotated[Optional[str], typer.Option("--public-key", "-k", help="Writer's public key: 64 hex chars or a .pub file.")] = None,
     trusted: Annotated[Optional[Path], typer.Option(help="Checkpoints kept elsewhere (a .checkpoints file copy).")] = None,
+    witness: Annotated[Optional[list[Path]], typer.Option(help="A witness directory (checkpoints other components kept "
+                                                          "of this log); repeatable.")] = None,  # fmt: skip
 ) -> None:
-    """Check every entry's hash, signature and place in the chain; exit 1 and say where if anything is wrong."""
+    """Check every entry's hash, signature and place in the chain; exit 1 and say where if anything is wrong.
+
+    With --witness, also against every checkpoint of this log's key that others kept: entries cut from the end are
+    named even when the log's own checkpoint file was cut too.
+    """
     from rich.console import Console
 
     from . import audit
@@ -55,6 +61,12 @@ def verify(
         extra = []
         if trusted:
             extra = audit.read_checkpoints(str(trusted).removesuffix(".checkpoints"))
+        for directory in witness or []:
+            if not directory.is_dir():
+                raise audit.AuditError(f"witness directory {directory} does not exist")
+            kept = audit.WitnessStore(directory).checkpoints(audit.load_public_key(key))
+            typer.echo(f"{directory}: {len(kept)} witnessed checkpoint(s) of this log's key", err=True)
+            extra += kept
         with console.status(f"verifying {path}"):
             report = audit.verify(path, key, trusted_checkpoints=extra)
     except audit.AuditError as exc:

@@ -34,6 +34,7 @@ class FaceSettings(_Section):
     low_resolution_face_px: int = 160
     competing_face_ratio: float = 0.5
     max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 50 * 1024 * 1024  # a photo file over this is refused (too_large) before it is read
     crop_size: int = 256
 
 

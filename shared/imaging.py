@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from .errors import PhotoRejected
 from .records import SourceImage, sha256_hex
 
 DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 METADATA_KEY = "megaportrait"
 XMP_KEY = "XML:com.adobe.xmp"
 AI_GENERATED_LABEL = "AI-generated image (MegaPortrait): a synthetic portrait, not a photograph"
@@ -23,20 +26,27 @@ AI_GENERATED_LABEL = "AI-generated image (MegaPortrait): a synthetic portrait, n
 IPTC_TRAINED_ALGORITHMIC = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 
 
-def load_image(source: str | Path | bytes, *, origin: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> SourceImage:
+def load_image(
+    source: str | Path | bytes,
+    *,
+    origin: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> SourceImage:
     """Decode a photo file (or its bytes) into a `SourceImage`, EXIF orientation applied.
 
-    Raises PhotoRejected with reason "unreadable" (missing, not an image, corrupt, truncated) or
-    "decompression_bomb" (declared size above `max_pixels`, checked before any pixel is decoded).
+    Raises PhotoRejected with reason "not_a_file" (a device, FIFO, directory or socket, through any symlink),
+    "too_large" (over `max_bytes`; both checked on the open file before a byte is read), "unreadable" (missing, not
+    an image, corrupt, truncated) or "decompression_bomb" (declared size above `max_pixels`, checked before any pixel
+    is decoded).
     """
     if isinstance(source, (bytes, bytearray)):
         data, origin = bytes(source), origin or "<bytes>"
+        if len(data) > max_bytes:
+            raise PhotoRejected(origin, "too_large", f"{len(data)} bytes (limit {max_bytes})")
     else:
         origin = origin or str(source)
-        try:
-            data = Path(source).read_bytes()
-        except OSError as exc:
-            raise PhotoRejected(origin, "unreadable", f"cannot read file ({exc.strerror or exc})") from exc
+        data = _read_bounded(Path(source), origin, max_bytes)
     if not data:
         raise PhotoRejected(origin, "unreadable", "file is empty")
     try:
@@ -58,6 +68,29 @@ def load_image(source: str | Path | bytes, *, origin: str | None = None, max_pix
     except (OSError, SyntaxError, ValueError) as exc:
         raise PhotoRejected(origin, "unreadable", f"corrupt or truncated image data ({exc})") from exc
     return SourceImage(pixels=np.ascontiguousarray(pixels), sha256=sha256_hex(data), origin=origin)
+
+
+def _read_bounded(path: Path, origin: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, checked on the open descriptor (no race with a swap)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
+    except OSError as exc:
+        raise PhotoRejected(origin, "unreadable", f"cannot open file ({exc.strerror or exc})") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PhotoRejected(origin, "not_a_file", "not a regular file (a device, pipe, socket or directory)")
+        if st.st_size > max_bytes:
+            raise PhotoRejected(origin, "too_large", f"{st.st_size} bytes (limit {max_bytes})")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise PhotoRejected(origin, "unreadable", f"cannot read file ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # grew after the check
+        raise PhotoRejected(origin, "too_large", f"more than {max_bytes} bytes")
+    return data
 
 
 def _xmp_packet(label: str) -> str:

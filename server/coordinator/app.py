@@ -26,7 +26,8 @@ resumed adaptive run starts from the next norm its latest checkpoint holds, not 
 The coordinator keeps its own audit log in `<state-dir>/audit/` (auditing.py: the log, and its signing key created
 on the first start): run start, resume, every budget refusal, every round's outcome with the global adapter hash
 and the checkpoint file hash, and the run's end. Simulated and deployed runs both go through `main`, so both
-write it.
+write it. Its latest signed audit checkpoint goes to every site with each round's instructions (`audit-checkpoint`),
+and each site's comes back in its round metrics and is kept in `<state-dir>/witness/`.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
+from megaportrait.shared.audit import WitnessStore
 from megaportrait.shared.errors import ConfigError
 
 from .auditing import CoordinatorAudit, adapter_sha256
@@ -50,6 +52,9 @@ from .checkpoint import Checkpoint, check_compatible, checkpoint_dir, load_check
 from .strategy import UNIT_WEIGHT, BoundedGrid, SiteBudgetStrategy, build_strategy
 
 log = logging.getLogger("megaportrait.coordinator")
+
+WITNESS_DIR = "witness"
+"""Under the state dir: each site's audit checkpoints from its round metrics (`megaportrait audit verify --witness`)."""
 
 app = ServerApp()
 
@@ -144,7 +149,7 @@ def _run(grid: Grid, context: Context, run_config: dict[str, Any], cfg: dict[str
     strategy = SiteBudgetStrategy(
         inner, grid=bounded, ledger=ledger, min_sites=cfg["min_sites"],
         round_offset=start_round, query_timeout=min(cfg["round_timeout"], 120.0), on_round=on_round,
-        secure_aggregation=cfg["secure_aggregation"], audit=audit,
+        secure_aggregation=cfg["secure_aggregation"], audit=audit, witness=WitnessStore(state_dir / WITNESS_DIR),
         fit_config={"local-steps": cfg["local_steps"], "base-model-sha256": base_sha})
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
     build_workflow(run_config)(bounded, legacy)

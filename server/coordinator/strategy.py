@@ -72,6 +72,7 @@ from flwr.server.strategy import (
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_NORM_BIT, add_gaussian_noise_inplace, compute_stdv
 
+from megaportrait.shared.audit import WitnessStore
 from megaportrait.shared.errors import ConfigError
 
 from .auditing import CoordinatorAudit, adapter_sha256
@@ -283,7 +284,7 @@ class SiteBudgetStrategy(Strategy):
                  min_sites: int, round_offset: int = 0, fit_config: dict[str, Scalar] | None = None,
                  query_timeout: float = 60.0, secure_aggregation: bool = False,
                  on_round: Callable[[int, list[np.ndarray], list[str], dict[str, Any]], Any] | None = None,
-                 audit: CoordinatorAudit | None = None) -> None:
+                 audit: CoordinatorAudit | None = None, witness: WitnessStore | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.secure_aggregation = secure_aggregation
@@ -297,6 +298,7 @@ class SiteBudgetStrategy(Strategy):
         self.query_timeout = query_timeout
         self.on_round = on_round
         self.audit = audit
+        self.witness = witness
         self.node_sites: dict[int, str] = {}
         self.rounds: dict[int, dict[str, Any]] = {}
 
@@ -336,6 +338,8 @@ class SiteBudgetStrategy(Strategy):
                 continue
             site = str(answer["site-id"])
             self.node_sites[proxy.node_id] = site
+            if self.witness is not None:
+                self.witness.keep_text(str(answer.get("audit-checkpoint", "")))
             self.ledger.observe(site, float(answer["epsilon"]))
             if int(answer.get("declined", 0)):
                 report["declined"][site] = str(answer.get("decline-reason", ""))
@@ -350,6 +354,8 @@ class SiteBudgetStrategy(Strategy):
                 continue
             fit_ins.config.update(self.fit_config)
             fit_ins.config.update({"server-round": absolute, "epsilon-budget": self.ledger.budget})
+            if self.audit is not None:  # the site keeps it: a witness of the coordinator's log
+                fit_ins.config["audit-checkpoint"] = self.audit.log.current_checkpoint().to_text()
             admitted.append((proxy, fit_ins))
             report["admitted"].append(site)
         self.rounds[absolute] = report
@@ -374,6 +380,8 @@ class SiteBudgetStrategy(Strategy):
         contributing = []
         for proxy, fit_res in results:
             site = str(fit_res.metrics.get("site-id", self.node_sites.get(proxy.node_id, proxy.node_id)))
+            if self.witness is not None:  # the coordinator witnesses each site's log
+                self.witness.keep_text(str(fit_res.metrics.get("audit-checkpoint", "")))
             self.ledger.observe(site, float(fit_res.metrics.get("epsilon", 0.0)))
             if int(fit_res.metrics.get("declined", 0)):
                 report["declined_at_training"][site] = str(fit_res.metrics.get("decline-reason", ""))

@@ -338,7 +338,8 @@ class JobStore:
                 self._put_blob(job_id, "result_png", png, key)
                 self._put_blob(job_id, "result_metadata", json.dumps(metadata, sort_keys=True, default=str).encode(), key)
                 self._db.execute(
-                    "UPDATE jobs SET state = ?, stage = 'done', fraction = 1, result_sha256 = ?, updated_at = ? WHERE job_id = ?",
+                    "UPDATE jobs SET state = ?, stage = 'done', fraction = 1, result_sha256 = ?, error_reason = '', error_message = '', "
+                    "updated_at = ? WHERE job_id = ?",  # a resumed job's "resumed after a node restart" no longer applies
                     (SUCCEEDED, sha256_hex(png), _now(), job_id),
                 )
                 self._db.execute("COMMIT")

@@ -1,8 +1,10 @@
 """The render node: its keys, trusted sites, job store, backends, worker pool, audit log and retention sweeper.
 
 `RenderNode` is the transport-free core (the gRPC service in `service.py` is a thin adapter over it):
-submit -> verify the sealed payload -> store it encrypted -> a worker opens it in memory, renders, stores the
-encrypted result -> fetch -> delete (data key destroyed, signed confirmation).
+submit -> verify the sealed payload (signed by the site whose client certificate submits it) and the template -> store
+it encrypted -> a worker opens it in memory, renders, stores the encrypted result -> fetch -> delete (data key
+destroyed, signed confirmation). Every job status, result and deletion confirmation carries the node's latest signed
+audit checkpoint (`audit_checkpoint`), which the site keeps as a witness of the node's log.
 
 Every request and its outcome is written to the node's own audit log (`shared.audit`, hash-chained and signed with
 the node's audit key): submissions accepted or refused (with the reason code), each decryption, renders done or
@@ -38,7 +40,7 @@ from typing import Callable, Iterable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 
-from megaportrait.shared.audit import AuditError, AuditLog, open_component_log
+from megaportrait.shared.audit import AuditError, AuditLog, Checkpoint, open_component_log
 from megaportrait.shared.consent import CLASSIC_CROP_PURPOSE, RENDER_PURPOSE, check_policy_purposes
 from megaportrait.shared.crypto import (
     HpkePrivateKey,
@@ -69,7 +71,7 @@ from .retention import NODE_KINDS, RenderJobRetention, load_node_policies
 
 __all__ = [
     "API_VERSION", "DELETION_DOMAIN", "DeletionConfirmation", "InvalidRequest", "JobCancelled", "NodeIdentity",
-    "NodeShuttingDown", "NotJobOwner", "RenderNode", "SealedBeforeRevocation", "SubmitRequest", "TrustedSitesUnavailable",
+    "NodeShuttingDown", "NotJobOwner", "RenderNode", "SealedBeforeRevocation", "SiteMismatch", "SubmitRequest", "TrustedSitesUnavailable",
     "verify_deletion",
 ]  # fmt: skip
 
@@ -89,6 +91,12 @@ class NotJobOwner(MegaPortraitError):
     """The caller's certificate identity is not the one that submitted the job."""
 
     reason = "not_job_owner"
+
+
+class SiteMismatch(MegaPortraitError):
+    """The payload is signed by one site and submitted over another site's client certificate."""
+
+    reason = "site_mismatch"
 
 
 class JobCancelled(MegaPortraitError):
@@ -285,6 +293,7 @@ class RenderNode:
         if self.policies.retention.rules.sweep.on_startup:
             self.retention.sweep_logged()  # before any job is queued: nothing past its retention gets rendered
         self._sweeper = self.retention.run_every(self._sweep_stop, on_startup=False)
+        self.audit.run_checkpoints(self._sweep_stop)
         for job_id in self.store.ids_in_state(QUEUED):
             self._pool.submit(self._run, job_id)
         return resumed, ended
@@ -352,6 +361,9 @@ class RenderNode:
             expect=Expectation(job_id=req.job_id, consent_ref=req.consent_ref, backend=backend, payload_kind=entry.payload_kind),
         )
         h = env.header
+        if h.site_id != owner:  # else another site could take the job (and its result) and lock the signer out of it
+            raise SiteMismatch(f"payload is signed by site {h.site_id!r} but was submitted over the client certificate of "
+                               f"{owner!r}; a site may submit only payloads it signed")  # fmt: skip
         payload_sha = sha256_hex(req.sealed_payload)
         self.store.check_new(req.job_id, h.nonce, payload_sha)  # a replay or id conflict is refused before decryption
         deleted_at = self.store.person_deleted_at(h.person_ref)
@@ -360,6 +372,7 @@ class RenderNode:
                 f"payload was sealed at {h.issued_at}, before this person's data was deleted here ({deleted_at}, consent "
                 "revoked); the site must check consent again and seal a new payload"
             )
+        template = _decode_template(req.template_image)  # a bad template is refused before anything is decrypted
         try:
             identity = open_identity(env, self.identity.hpke)  # decodes in memory to refuse a bad payload now, not later
         except MegaPortraitError as exc:
@@ -369,7 +382,6 @@ class RenderNode:
         del identity
         self._audit("payload.decrypt", _actor(owner), person=h.person_ref, data=[payload_sha],
                     detail={"job_id": req.job_id, "stage": "submit", "kind": h.kind})  # fmt: skip
-        template = _decode_template(req.template_image)
         row, was_there = self.store.create(
             NewJob(
                 job_id=req.job_id, backend=backend, payload_kind=h.kind, person_ref=h.person_ref, consent_ref=h.consent_ref,
@@ -467,6 +479,15 @@ class RenderNode:
         self._notify()
         self._audit_deleted("person.delete", _actor(owner), deleted, reason, person=person_ref)
         return self._confirm(deleted, reason, person_ref=person_ref)
+
+    def audit_checkpoint(self) -> Checkpoint | None:
+        """The node's signed audit checkpoint covering every entry so far, handed to sites with each reply so that
+        they witness it; None (logged) when it cannot be signed or written."""
+        try:
+            return self.audit.current_checkpoint()
+        except (AuditError, OSError):
+            log.exception("cannot checkpoint the audit log for a reply")
+            return None
 
     def wait_for_change(self, since: int, timeout: float) -> int:
         """Block until some job changed after version `since` (or timeout); returns the current version."""

@@ -16,7 +16,9 @@ import grpc
 
 from megaportrait.protos import render_pb2 as pb
 from megaportrait.protos import render_pb2_grpc as pb_grpc
-from megaportrait.shared.audit import AuditError
+from google.protobuf.message import DecodeError
+
+from megaportrait.shared.audit import AuditError, Checkpoint
 from megaportrait.shared.crypto import HPKE_SUITE_NAME, KeyFileError, ed25519_fingerprint
 from megaportrait.shared.errors import MegaPortraitError
 from megaportrait.shared.payload_format import (
@@ -40,6 +42,7 @@ from .node import (
     NodeShuttingDown,
     NotJobOwner,
     RenderNode,
+    SiteMismatch,
     SubmitRequest,
     TrustedSitesUnavailable,
 )
@@ -70,6 +73,7 @@ STATUS_FOR_ERROR: dict[type[MegaPortraitError], grpc.StatusCode] = {
     JobNotFound: grpc.StatusCode.NOT_FOUND,
     JobNotReady: grpc.StatusCode.FAILED_PRECONDITION,
     NotJobOwner: grpc.StatusCode.PERMISSION_DENIED,
+    SiteMismatch: grpc.StatusCode.PERMISSION_DENIED,
     NodeShuttingDown: grpc.StatusCode.UNAVAILABLE,
     TrustedSitesUnavailable: grpc.StatusCode.UNAVAILABLE,
     AuditError: grpc.StatusCode.UNAVAILABLE,  # nothing is done or handed out without its audit entry
@@ -122,11 +126,24 @@ def _confirmation(c: DeletionConfirmation) -> pb.DeletionConfirmation:
     return pb.DeletionConfirmation(statement=c.statement, signature=c.signature, signer_fingerprint=c.signer_fingerprint, job_ids=list(c.job_ids))
 
 
+def _checkpoint_message(cp: Checkpoint) -> pb.AuditCheckpoint:
+    return pb.AuditCheckpoint(size=cp.size, head=cp.head, ts=cp.ts, key_id=cp.key_id, sig=cp.sig)
+
+
 class RenderService(pb_grpc.RenderNodeServicer):
-    """gRPC methods; each one converts, calls the node, and maps refusals."""
+    """gRPC methods; each one converts, calls the node, and maps refusals.
+
+    Every job status, result and deletion confirmation carries the node's latest audit checkpoint (witnessed by the site).
+    """
 
     def __init__(self, node: RenderNode) -> None:
         self.node = node
+
+    def _witnessed(self, reply):  # type: ignore[no-untyped-def]
+        cp = self.node.audit_checkpoint()
+        if cp is not None:
+            reply.audit_checkpoint.CopyFrom(_checkpoint_message(cp))
+        return reply
 
     def GetNodeInfo(self, request, context):
         pub = self.node.identity.public()
@@ -152,11 +169,11 @@ class RenderService(pb_grpc.RenderNodeServicer):
             row, existing = self.node.submit(req, owner)
         except MegaPortraitError as exc:
             _refuse(context, exc)
-        return job_status(row, existing)
+        return self._witnessed(job_status(row, existing))
 
     def GetJob(self, request, context):
         try:
-            return job_status(self.node.get(request.job_id, _peer(context)))
+            return self._witnessed(job_status(self.node.get(request.job_id, _peer(context))))
         except MegaPortraitError as exc:
             _refuse(context, exc)
 
@@ -182,7 +199,8 @@ class RenderService(pb_grpc.RenderNodeServicer):
             png, metadata = self.node.result(request.job_id, _peer(context))
         except MegaPortraitError as exc:
             _refuse(context, exc)
-        return pb.RenderResult(job_id=request.job_id, png=png, metadata_json=json.dumps(metadata, sort_keys=True, default=str), png_sha256=sha256_hex(png))
+        return self._witnessed(pb.RenderResult(job_id=request.job_id, png=png, metadata_json=json.dumps(metadata, sort_keys=True, default=str),
+                                               png_sha256=sha256_hex(png)))  # fmt: skip
 
     def CancelJob(self, request, context):
         try:
@@ -191,22 +209,57 @@ class RenderService(pb_grpc.RenderNodeServicer):
             _refuse(context, exc)
         if row.state in (SUCCEEDED, FAILED):
             _refuse(context, JobNotReady(f"job {row.job_id!r} already {row.state}; delete it instead", reason=f"job_{row.state}"))
-        return job_status(row)
+        return self._witnessed(job_status(row))
 
     def DeleteJobs(self, request, context):
         try:
-            return _confirmation(self.node.delete_jobs(list(request.job_ids), _peer(context)))
+            return self._witnessed(_confirmation(self.node.delete_jobs(list(request.job_ids), _peer(context))))
         except MegaPortraitError as exc:
             _refuse(context, exc)
 
     def DeletePerson(self, request, context):
         try:
-            return _confirmation(self.node.delete_person(request.person_ref, _peer(context)))
+            return self._witnessed(_confirmation(self.node.delete_person(request.person_ref, _peer(context))))
         except MegaPortraitError as exc:
             _refuse(context, exc)
 
 
 # --------------------------------------------------------------------------------------------- transport
+
+
+class _DecodeGuard(grpc.ServerInterceptor):
+    """Answer a request that is not a valid protobuf message with INVALID_ARGUMENT (gRPC's own answer is INTERNAL),
+    and log it: method, size and decoder error, never the bytes."""
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+            return handler
+        decode, method = handler.request_deserializer, handler_call_details.method
+
+        def parse(raw: bytes, context: grpc.ServicerContext):  # type: ignore[no-untyped-def]
+            try:
+                return decode(raw)
+            except DecodeError as exc:
+                log.warning("refused: INVALID_ARGUMENT request_undecodable on %s (%d bytes): %s", method, len(raw), exc)
+                context.set_trailing_metadata(((REASON_METADATA_KEY, "request_undecodable"),))
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_undecodable: the request is not a valid {method} message")
+
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            def unary(raw, context):  # type: ignore[no-untyped-def]
+                return behavior(parse(raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
+        behavior = handler.unary_stream
+
+        def stream(raw, context):  # type: ignore[no-untyped-def]
+            request = parse(raw, context)
+            yield from behavior(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
+
 
 
 @dataclass(frozen=True, repr=False)
@@ -234,6 +287,7 @@ def start_server(node: RenderNode, listen: str, tls: TLSFiles, *, threads: int =
     """
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+        interceptors=[_DecodeGuard()],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
     pb_grpc.add_RenderNodeServicer_to_server(RenderService(node), server)

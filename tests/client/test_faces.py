@@ -77,3 +77,32 @@ def test_face_crop_set_mean_embedding(analyzer, people):
     assert len(crops.crops) == 2 and crops.embedder.startswith("sface")
     for a in report.accepted:
         assert cosine(crops.mean_embedding, a.face.embedding) > 0.8
+
+
+def test_a_batch_never_stops_on_one_photo_whatever_it_raises(analyzer, people, tmp_path):
+    """Hostile files are refused by reason before they are read, and an unexpected error in one photo (here a
+    MemoryError from the detector) is recorded against that photo while the rest of the batch goes on."""
+    zero = tmp_path / "zero.jpg"
+    zero.symlink_to("/dev/zero")
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as fh:
+        fh.truncate(5 * 1024**3)
+    poisoned = load_image(people["obama"][1])
+
+    class Exploding:
+        def __getattr__(self, name):
+            return getattr(analyzer, name)
+
+        def detect(self, image, **kw):
+            if image.sha256 == poisoned.sha256:
+                raise MemoryError("simulated")
+            return analyzer.detect(image, **kw)
+
+    report = intake_photos([zero, huge, people["obama"][1], people["obama"][0]], FaceSettings(), Exploding(), show_progress=False)
+    assert [(r.origin.split("/")[-1], r.reason) for r in report.rejected] == [
+        ("zero.jpg", "not_a_file"), ("huge.jpg", "too_large"), (people["obama"][1].name, "intake_failed")]
+    assert "MemoryError" in report.rejected[2].detail
+    assert [a.origin for a in report.accepted] == [str(people["obama"][0])]
+    assert {r.reason for r in report.rejected} <= set(REJECTION_REASONS)
+    small = intake_photos([people["obama"][0]], FaceSettings(max_image_bytes=1000), analyzer, show_progress=False)
+    assert small.reasons() == {str(people["obama"][0]): "too_large"}  # the configured limit is the one applied

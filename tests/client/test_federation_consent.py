@@ -124,3 +124,42 @@ def test_adaptive_clipping_norm_grows_over_rounds_and_survives_the_restart(round
     assert dp1["next_clipping_norm"] > dp1["clipping_norm"]
     assert dp2["clipping_norm"] == pytest.approx(dp1["next_clipping_norm"])  # the resumed run took it over
     assert dp2["next_clipping_norm"] > dp2["clipping_norm"]
+
+
+def _cut(log: Path, keep: int) -> None:
+    """The attack: keep the first `keep` entries of a log and empty its own checkpoint file."""
+    lines = log.read_text().splitlines()
+    log.write_text("".join(line + "\n" for line in lines[:keep]))
+    Path(f"{log}.checkpoints").write_text("")
+
+
+def test_sites_and_coordinator_witness_each_other_and_catch_a_truncated_log(rounds, tmp_path):
+    """Each round, the coordinator's checkpoint goes to the sites with their instructions and each site's comes back
+    in its metrics; cutting either side's log and its checkpoint file is then caught by `audit verify --witness`."""
+    from typer.testing import CliRunner
+
+    from megaportrait.server.coordinator.app import WITNESS_DIR
+    from megaportrait.server.coordinator.auditing import audit_paths
+    from megaportrait.shared.cli import app
+
+    coordinator_log, coordinator_key = audit_paths(rounds["second"].state_dir)
+    runner = CliRunner()
+    cases = []
+    coordinator_witness = rounds["second"].state_dir / WITNESS_DIR
+    for site in ("site-a", "site-b", "site-c"):  # site-c declines every round: its declines are witnessed too
+        site_log, site_pub = rounds["consent"] / site / "audit.jsonl", str(rounds["consent"] / site / "site.key.pub")
+        kept = audit.WitnessStore(coordinator_witness).checkpoints(audit.load_public_key(site_pub))
+        assert len(kept) >= 2, site  # from its budget answers and round metrics, both rounds
+        cases.append((site_log, site_pub, coordinator_witness, max(c.size for c in kept)))
+    site_witness = rounds["site_state"] / "site-a" / federation.WITNESS_DIR
+    kept = audit.WitnessStore(site_witness).checkpoints(audit.load_public_key(f"{coordinator_key}.pub"))
+    assert [c.size for c in kept] == sorted(c.size for c in kept) and len(kept) == 2  # rounds 1 and 2
+    cases.append((coordinator_log, f"{coordinator_key}.pub", site_witness, max(c.size for c in kept)))
+    for log, pub, witness, witnessed_size in cases:
+        copy = tmp_path / log.parent.name / log.name
+        copy.parent.mkdir(parents=True)
+        shutil.copy(log, copy)
+        _cut(copy, 1)
+        assert runner.invoke(app, ["audit", "verify", str(copy), "-k", pub]).exit_code == 0  # alone, it looks fine
+        res = runner.invoke(app, ["audit", "verify", str(copy), "-k", pub, "--witness", str(witness)])
+        assert res.exit_code == 1 and f"seqs 1..{witnessed_size - 1} missing" in res.output, res.output

@@ -134,3 +134,111 @@ def test_healthz_and_metrics_need_no_login_and_show_no_entry(client):
     assert r.status_code == 503 and r.json()["status"] == "failing"
     assert [c["name"] for c in r.json()["checks"] if not c["ok"]] == ["log:render-node-n1.jsonl"]
     assert 'megaportrait_health_check_ok{check="log:render-node-n1.jsonl"} 0.0' in client.get("/metrics").text
+
+
+# ---------------------------------------------------------------------------------------------- hostile input (issue 18)
+
+
+def _headers_ok(r) -> bool:
+    return (r.headers.get("x-content-type-options") == "nosniff" and r.headers.get("cache-control") == "no-store"
+            and "default-src 'none'" in r.headers.get("content-security-policy", "") and r.headers.get("x-frame-options") == "DENY")
+
+
+def test_an_unparsable_line_fails_its_log_and_the_others_are_still_shown(tmp_path, reviewer_hash):
+    logs = build_logs(tmp_path)
+    lines = logs[0].path.read_text().splitlines()
+    lines.insert(2, "{not json")
+    logs[0].path.write_text("\n".join(lines) + "\n")
+    with TestClient(create_review_app(logs, {"rita": reviewer_hash}), raise_server_exceptions=False) as c:
+        r = c.get("/", auth=AUTH)
+        assert r.status_code == 200 and _headers_ok(r), r.text[:300]
+        assert 'data-log-ok="0"' in r.text and "site-alpha.jsonl: 1 problem(s)" in r.text
+        assert "line 3: unreadable: not an audit entry" in r.text  # as `megaportrait audit verify` says it
+        assert 'data-log-ok="1">render-node-n1.jsonl: verified' in r.text
+        assert "7 matching entries" in r.text and 'id="skipped"' in r.text and "site-alpha.jsonl:3: not an audit entry" in r.text
+        js = c.get("/export.json", auth=AUTH)
+        assert js.status_code == 200 and len(js.json()) == 7 and js.headers["x-audit-skipped"].startswith("site-alpha.jsonl:3:")
+        csv_ = c.get("/export.csv", params={"site": "render-node"}, auth=AUTH)
+        assert csv_.status_code == 200 and len(list(csv.DictReader(io.StringIO(csv_.text)))) == 3
+        logs[1].path.unlink()  # a log that went missing fails too, and the page still answers
+        r = c.get("/", auth=AUTH)
+        assert r.status_code == 200 and "render-node-n1.jsonl: 1 problem(s)" in r.text and "does not exist" in r.text
+
+
+def test_every_response_carries_the_security_headers_even_an_internal_error(client, monkeypatch):
+    responses = [client.get("/"), client.get("/", auth=("rita", "wrong")), client.get("/", params={"outcome": "x"}, auth=AUTH),
+                 client.get("/nowhere", auth=AUTH), client.post("/", auth=AUTH), client.get("/healthz")]  # fmt: skip
+    assert [r.status_code for r in responses] == [401, 401, 400, 404, 405, 200]
+    assert all(_headers_ok(r) for r in responses), [dict(r.headers) for r in responses]
+
+    def broken(*a, **kw):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(audit, "filter_entries", broken)
+    with TestClient(client.app, raise_server_exceptions=False) as c:
+        r = c.get("/", auth=AUTH)
+    assert r.status_code == 500 and _headers_ok(r) and "simulated bug" not in r.text
+
+
+def test_long_bad_query_values_are_not_echoed(client):
+    for params in ({"since": "9" * 5000}, {"until": "yesterday-" + "x" * 5000}, {"person": "p" * 5000}, {"action": "<" * 300}):
+        r = client.get("/", params=params, auth=AUTH)
+        assert r.status_code == 400 and _headers_ok(r), r.text[:200]
+        assert len(r.text) < 300, r.text[:400]
+    r = client.get("/", params={"since": "tomorrow"}, auth=AUTH)
+    assert r.status_code == 400 and "'tomorrow' is not an ISO date/time" in r.text  # a short value is still quoted
+
+
+def test_a_log_without_checkpoint_says_so_not_size_none(tmp_path, reviewer_hash):
+    key = audit.generate_signing_key(tmp_path / "fresh.key")
+    log = audit.AuditLog(tmp_path / "fresh.jsonl", key, component="site:fresh", checkpoint_every=0)
+    log.append("consent.grant", actor="operator:1", person="p-1")
+    with TestClient(create_review_app([ReviewedLog(log.path, key.public_key())], {"rita": reviewer_hash})) as c:
+        page = c.get("/", auth=AUTH).text
+    assert "fresh.jsonl: verified, 1 entries, no checkpoint yet" in page and "None" not in page
+
+
+def test_failed_logins_are_throttled_per_client_over_a_real_server(tmp_path, reviewer_hash):
+    """A guesser on 127.0.0.2 sending wrong passwords as fast as it can is refused (429, Retry-After) without its
+    passwords being hashed, while the reviewer on 127.0.0.1 keeps getting pages promptly."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    app = create_review_app(build_logs(tmp_path), {"rita": reviewer_hash})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started:
+            assert time.time() < deadline, "review server did not start"
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/"
+        guesser = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
+        reviewer = httpx.Client(timeout=30)
+        started = time.monotonic()
+        codes = [guesser.get(url, auth=("rita", f"guess-{i}")).status_code for i in range(400)]
+        guessing_s = time.monotonic() - started
+        assert codes[:5] == [401] * 5 and codes.count(429) >= 390, codes[:20]
+        throttled = guesser.get(url, auth=AUTH)  # even the right password waits its turn from that address
+        assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1 and _headers_ok(throttled)
+        assert guessing_s < 8  # refused tries are not hashed (400 scrypt checks alone take ~25 s here)
+        times = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert reviewer.get(url, auth=AUTH).status_code == 200
+            times.append(time.monotonic() - t0)
+        print(f"400 guesses in {guessing_s:.2f} s; reviewer pages {[round(t, 3) for t in times]} s")
+        assert max(times) < 2.0, times
+        guesser.close()
+        reviewer.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -210,3 +210,80 @@ def test_checkpoints_come_by_count_and_by_time(tmp_path, key):
     time.sleep(0.25)
     by_time.append("x", actor="a")
     assert [cp.size for cp in audit.read_checkpoints(by_time.path)] == [2]
+
+
+def _append_then_die(path: str, key_path: str, n: int) -> None:
+    import os
+    import signal
+
+    log = audit.AuditLog(path, audit.load_signing_key(key_path), component="render-node:n1", checkpoint_every=0)
+    for i in range(n):
+        log.append("job.submit", actor="client:site-a", detail={"i": i})
+    os.kill(os.getpid(), signal.SIGKILL)  # no close(): no shutdown checkpoint
+
+
+def test_start_up_checkpoints_the_size_a_killed_run_ended_at(tmp_path, key):
+    """A writer killed before it checkpointed leaves an uncovered tail; the next start signs a checkpoint over it."""
+    path = tmp_path / "node.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    for run in range(3):
+        p = ctx.Process(target=_append_then_die, args=(str(path), str(tmp_path / "keys" / "site.key"), 5))
+        p.start()
+        p.join(60)
+        assert p.exitcode == -9
+    assert [cp.size for cp in audit.read_checkpoints(path)] == [5, 10]  # written by the 2nd and 3rd start
+    log = audit.AuditLog(path, key, component="render-node:n1")
+    assert [cp.size for cp in audit.read_checkpoints(path)] == [5, 10, 15]
+    audit.AuditLog(path, key, component="render-node:n1")  # covered already: no repeat
+    assert len(audit.read_checkpoints(path)) == 3
+    assert log.current_checkpoint().size == 15 and len(audit.read_checkpoints(path)) == 3
+    log.append("x", actor="a")
+    assert log.current_checkpoint().size == 16  # a reply's checkpoint covers the entry written for it
+
+
+def test_default_writer_checkpoints_every_100_entries_and_on_a_timer(tmp_path, key):
+    log = audit.AuditLog(tmp_path / "d.jsonl", key, component="c", fsync=False)
+    for _ in range(250):
+        log.append("x", actor="a")
+    assert [cp.size for cp in audit.read_checkpoints(log.path)] == [100, 200]
+    import threading
+
+    timed = audit.AuditLog(tmp_path / "t.jsonl", key, component="t", checkpoint_every=0, checkpoint_interval_s=0.1)
+    stop = threading.Event()
+    thread = timed.run_checkpoints(stop)
+    timed.append("x", actor="a")
+    deadline = time.time() + 10
+    while not audit.read_checkpoints(timed.path) and time.time() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    thread.join(5)
+    assert [cp.size for cp in audit.read_checkpoints(timed.path)] == [1]  # no append needed to cover the tail
+
+
+def test_witnessed_checkpoints_catch_a_log_truncated_with_its_checkpoint_file(tmp_path, key):
+    """The attack: cut the log's tail and its checkpoint file, then let the writer append again (reusing the cut seqs).
+    Checkpoints the witness kept still say which entries are missing."""
+    path = tmp_path / "node.jsonl"
+    log = _fill(path, key, 12, checkpoint_every=0)
+    witness = audit.WitnessStore(tmp_path / "witness")
+    assert witness.keep(log.current_checkpoint()) and not witness.keep(log.current_checkpoint())  # kept once
+    assert not witness.keep(audit.Checkpoint(size=1, head="0" * 64, ts="t", key_id="../../etc/x", sig=""))
+    _write(path, _lines(path)[:7])
+    Path(f"{path}.checkpoints").write_text("")
+    assert audit.verify(path, key.public_key()).ok  # nothing left on the machine contradicts it
+    report = audit.verify(path, key.public_key(), trusted_checkpoints=witness.checkpoints(key.public_key()))
+    assert [(p.kind, p.seq) for p in report.problems] == [("truncated", 7)]
+    assert "seqs 7..11 missing (5 entries deleted from the end)" in report.problems[0].message
+
+    runner = CliRunner()
+    pub = str(tmp_path / "keys" / "site.key.pub")
+    res = runner.invoke(app, ["audit", "verify", str(path), "--public-key", pub, "--witness", str(tmp_path / "witness")])
+    assert res.exit_code == 1 and "witnessed checkpoint" in res.output and "seqs 7..11 missing" in res.output, res.output
+
+    # The writer appends again: seqs 7..11 are reused and the gap is gone, but the witnessed head no longer matches.
+    again = audit.AuditLog(path, key, component="site:alpha", checkpoint_every=0)
+    for _ in range(6):
+        again.append("job.render", actor="operator:7f3a")
+    res = runner.invoke(app, ["audit", "verify", str(path), "--public-key", pub, "--witness", str(tmp_path / "witness")])
+    assert res.exit_code == 1 and "line 12 (seq 11): chain_broken" in res.output and "removed and others written" in res.output, res.output
+    assert runner.invoke(app, ["audit", "verify", str(path), "--public-key", pub, "--witness", str(tmp_path / "nowhere")]).exit_code == 2

@@ -90,3 +90,36 @@ def test_png_carries_metadata_and_ai_label(astronaut):
     assert meta["provenance"] == AI_GENERATED_LABEL
     assert IPTC_TRAINED_ALGORITHMIC in meta["xmp"]
     np.testing.assert_array_equal(decode_png(png), astronaut)
+
+
+def test_refuses_devices_pipes_directories_and_huge_files_before_reading(tmp_path, people):
+    """A symlink to /dev/zero, a FIFO (no writer), a directory and a sparse 5 GiB file are refused from their metadata,
+    at once and without reading; a symlink to a real photo still loads."""
+    import os
+    import time
+
+    zero = tmp_path / "zero.jpg"
+    zero.symlink_to("/dev/zero")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.jpg"
+    folder.mkdir()
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as fh:
+        fh.truncate(5 * 1024**3)  # sparse: no disk used, but reading it would allocate 5 GiB
+    started = time.monotonic()
+    for path, reason in ((zero, "not_a_file"), (fifo, "not_a_file"), (folder, "not_a_file"), (huge, "too_large")):
+        with pytest.raises(PhotoRejected) as err:
+            load_image(path)
+        assert err.value.reason == reason, (path.name, err.value)
+    assert time.monotonic() - started < 2.0
+    photo = people["obama"][0]
+    with pytest.raises(PhotoRejected) as err:
+        load_image(photo, max_bytes=photo.stat().st_size - 1)  # the configured limit is the one applied
+    assert err.value.reason == "too_large" and f"limit {photo.stat().st_size - 1}" in err.value.detail
+    with pytest.raises(PhotoRejected) as err:
+        load_image(photo.read_bytes(), max_bytes=1000)
+    assert err.value.reason == "too_large"
+    link = tmp_path / "link.jpg"
+    link.symlink_to(photo)
+    assert load_image(link).sha256 == load_image(photo).sha256

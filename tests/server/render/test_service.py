@@ -90,7 +90,7 @@ def tls() -> dict[str, TLSFiles]:
     ca = pki.create_ca("Test CA")
     server = pki.issue_certificate(ca, "render-node", role="server", dns_names=("localhost",), ip_addresses=("127.0.0.1",))
     files = {"server": TLSFiles(ca.cert_pem, server.cert_pem, server.key_pem)}
-    for site in ("site-a", "site-b"):
+    for site in ("site-a", "site-b", "site-n"):
         cred = pki.issue_certificate(ca, site, role="client")
         files[site] = TLSFiles(ca.cert_pem, cred.cert_pem, cred.key_pem)
     foreign = pki.create_ca("Foreign CA")
@@ -386,6 +386,8 @@ def test_restart_resumes_interrupted_jobs_or_fails_them_with_a_reason(launch, tl
     assert decode_png(client.FetchResult(pb.JobRef(job_id="job-1"), timeout=TIMEOUT).png).shape[2] == 3
     failed = client.GetJob(pb.JobRef(job_id="job-2"), timeout=TIMEOUT)
     assert failed.state == pb.JOB_STATE_FAILED and failed.error_reason == "interrupted" and "3 time(s)" in failed.error_message
+    done = client.GetJob(pb.JobRef(job_id="job-1"), timeout=TIMEOUT)
+    assert (done.error_reason, done.error_message) == ("", "")  # no "resumed after a node restart" left on a success
 
 
 def test_cancel_running_and_queued_jobs(launch, tls, crops, site_key, template_bytes):
@@ -559,7 +561,7 @@ def test_trust_site_takes_effect_without_a_restart_and_a_bad_key_file_fails_clos
     from typer.testing import CliRunner
 
     run = launch()
-    client = run.client(tls["site-a"])
+    client = run.client(tls["site-n"])  # a site submits only its own payloads, over its own certificate
     newcomer = Ed25519PrivateKey.generate()
     sealed = _seal(crops, run.node, newcomer, site_id="site-n")
     _refused(lambda: _submit(client, sealed, template_bytes), grpc.StatusCode.UNAUTHENTICATED, "unknown_site")
@@ -679,3 +681,87 @@ def test_health_endpoint_and_job_metrics_follow_the_node(launch, tls, crops, sit
         assert get("/healthz")[0] == 200
     finally:
         health.stop()
+
+
+# ---------------------------------------------------------------------------------------------- hostile input (issue 18)
+
+
+def test_a_payload_submitted_over_another_sites_certificate_is_refused_and_consumes_nothing(launch, tls, crops, site_key, template_bytes):
+    """Site B submits site A's signed payload first: refused (site_mismatch, audited); A then submits and owns its job."""
+    run = launch()
+    site_a, site_b = run.client(tls["site-a"]), run.client(tls["site-b"])
+    sealed = _seal(crops, run.node, site_key)
+    detail = _refused(lambda: _submit(site_b, sealed, template_bytes), grpc.StatusCode.PERMISSION_DENIED, "site_mismatch")
+    assert "'site-a'" in detail and "'site-b'" in detail
+    _refused(lambda: site_b.GetJob(pb.JobRef(job_id="job-1"), timeout=TIMEOUT), grpc.StatusCode.NOT_FOUND, "job_not_found")
+    assert _submit(site_a, sealed, template_bytes).state == pb.JOB_STATE_QUEUED  # nonce and job id were not consumed
+    assert _follow(site_a)[-1].state == pb.JOB_STATE_SUCCEEDED
+    assert site_a.FetchResult(pb.JobRef(job_id="job-1"), timeout=TIMEOUT).png
+    _refused(lambda: site_b.FetchResult(pb.JobRef(job_id="job-1"), timeout=TIMEOUT), grpc.StatusCode.PERMISSION_DENIED, "not_job_owner")
+    assert ("job.submit", "refused", "site_mismatch") in _audit_rows(run.node)
+
+
+def test_an_undecodable_request_gets_invalid_argument_and_a_log_line_without_its_bytes(launch, tls, caplog):
+    run = launch()
+    channel = client_channel(f"localhost:{run.port}", tls["site-a"])
+    run.channels.append(channel)
+    garbage = b"\x1a\x40SECRET-PAYLOAD-BYTES"  # field 3 (sealed_payload) announces 64 bytes and carries 20
+    caplog.set_level("INFO", logger="megaportrait.render.service")
+    for method in ("SubmitJob", "GetJob"):
+        call = channel.unary_unary(f"/megaportrait.render.v1.RenderNode/{method}")
+        with pytest.raises(grpc.RpcError) as err:
+            call(garbage, timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert err.value.details().startswith("request_undecodable:")
+    stream = channel.unary_stream("/megaportrait.render.v1.RenderNode/StreamProgress")
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream(garbage, timeout=TIMEOUT))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    lines = [r.getMessage() for r in caplog.records if "request_undecodable" in r.getMessage()]
+    assert len(lines) == 3 and "/SubmitJob (22 bytes)" in lines[0], lines
+    assert not any("SECRET" in r.getMessage() for r in caplog.records)
+
+
+def test_the_template_is_checked_before_the_payload_is_decrypted(launch, tls, crops, site_key):
+    run = launch()
+    client = run.client(tls["site-a"])
+    _refused(lambda: _submit(client, _seal(crops, run.node, site_key), b"not an image"), grpc.StatusCode.INVALID_ARGUMENT, "invalid_template")
+    rows = _audit_rows(run.node)
+    assert ("job.submit", "refused", "invalid_template") in rows
+    assert not [r for r in rows if r[0] == "payload.decrypt"]  # nothing was opened for a request that was refused anyway
+
+
+def test_sites_witness_the_nodes_checkpoints_which_catch_its_log_truncated(launch, tls, crops, site_key, template_bytes, tmp_path):
+    """Every status, result and deletion confirmation carries the node's signed checkpoint; the site keeps them. Cutting
+    the node's log and its own checkpoint file is then caught by `audit verify --witness`, naming the missing entries."""
+    from megaportrait.shared import audit
+    from megaportrait.shared.cli import app
+    from typer.testing import CliRunner
+
+    run = launch()
+    client = run.client(tls["site-a"])
+    witness = audit.WitnessStore(tmp_path / "site" / "witness")
+    replies = [_submit(client, _seal(crops, run.node, site_key), template_bytes)]
+    _follow(client)
+    replies.append(client.GetJob(pb.JobRef(job_id="job-1"), timeout=TIMEOUT))
+    replies.append(client.FetchResult(pb.JobRef(job_id="job-1"), timeout=TIMEOUT))
+    replies.append(client.DeleteJobs(pb.DeleteJobsRequest(job_ids=["job-1"]), timeout=TIMEOUT))
+    assert all(r.HasField("audit_checkpoint") for r in replies)
+    for reply in replies:
+        witness.keep_reply(reply)
+    sizes = [r.audit_checkpoint.size for r in replies]
+    assert sizes == sorted(sizes) and sizes[-1] == len(_audit_rows(run.node))  # the last covers the deletion's own entry
+    node = run.node
+    run.stop()
+
+    path = node.audit.path
+    pub = str(tmp_path / "state" / "audit" / "signing.key.pub")
+    lines = path.read_text().splitlines()
+    cut = sizes[0]  # keep what the node had written when it accepted the job; drop its render, fetch and deletion
+    path.write_text("".join(line + "\n" for line in lines[:cut]))
+    Path(f"{path}.checkpoints").write_text("")
+    runner = CliRunner()
+    assert runner.invoke(app, ["audit", "verify", str(path), "--public-key", pub]).exit_code == 0  # fooled without a witness
+    res = runner.invoke(app, ["audit", "verify", str(path), "--public-key", pub, "--witness", str(tmp_path / "site" / "witness")])
+    assert res.exit_code == 1, res.output
+    assert f"seqs {cut}..{sizes[-1] - 1} missing" in res.output, res.output
