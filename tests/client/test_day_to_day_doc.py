@@ -100,3 +100,18 @@ def test_day_to_day_section_runs_as_written(loopback_site, people, shared_data, 
         assert store.person_job_ids(PERSON) == []
     finally:
         store.close()
+
+    # The site kept the node's signed checkpoints from its replies: they verify against the node's log, and they
+    # catch the node cutting entries from the end of it.
+    from megaportrait.shared import audit
+
+    node_log = site.node_state / "audit" / "audit.jsonl"
+    node_key = audit.load_public_key(site.node_state / "audit" / "signing.key.pub")
+    kept = audit.WitnessStore(state / "witness").checkpoints(node_key)
+    assert len(kept) >= 3, kept
+    assert audit.verify(str(node_log), node_key, trusted_checkpoints=kept).ok
+    lines = node_log.read_bytes().splitlines(keepends=True)
+    node_log.write_bytes(b"".join(lines[: max(cp.size for cp in kept) - 2]))
+    (site.node_state / "audit" / "audit.jsonl.checkpoints").unlink(missing_ok=True)
+    cut = audit.verify(str(node_log), node_key, trusted_checkpoints=kept)
+    assert "truncated" in [p.kind for p in cut.problems], cut
