@@ -3,10 +3,11 @@
 A ```bash block right after a `<!-- doctest -->` line runs to completion; one after `<!-- doctest: background -->`
 starts a server that runs until the end of its doc (`wait=host:port[,host:port]` in the marker names what to wait
 for; without it the block's `--listen host:port` / `--port N` is waited for). Each doc runs in its own temporary
-tree: `/etc/megaportrait`, `/var/lib/megaportrait` and `/srv/megaportrait` become folders there, `/opt/megaportrait`
-(the release) is this checkout, the documented ports become free ones, and `deploy/` is copied there with the same
-substitutions (so a file the doc copies out of it points into the tree too). Blocks run in order in one working
-folder; variables a block exports reach the next ones.
+tree: `/etc/megaportrait`, `/var/lib/megaportrait` and `/srv/megaportrait` become folders there, the documented
+ports become free ones, and `/opt/megaportrait` (the release) holds this checkout's venv and policies and a copy of
+`deploy/` with the same substitutions (so a file the doc copies out of it points into the tree too). Blocks run in
+order in one working folder, where `deploy/` and `policies/` are the release's; variables a block sets reach the
+next ones.
 """
 from __future__ import annotations
 
@@ -84,10 +85,15 @@ class DocTree:
     ports: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for sub in ("etc", "var", "srv", "work", "home"):
+        for sub in ("etc", "var", "srv", "opt", "work", "home"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.ports = {port: free_port() for port in DOC_PORTS}
-        self._copy_substituted(REPO / "deploy", self.work / "deploy")
+        # /opt/megaportrait, the release: this checkout's venv and policies, and deploy/ with the substitutions.
+        self._copy_substituted(REPO / "deploy", self.root / "opt" / "deploy")
+        for name in (".venv", "policies"):
+            (self.root / "opt" / name).symlink_to(REPO / name)
+        for name in ("deploy", "policies"):  # the docs' relative `deploy/...` means the release's
+            (self.work / name).symlink_to(self.root / "opt" / name)
 
     @property
     def work(self) -> Path:
@@ -95,7 +101,7 @@ class DocTree:
 
     def substitute(self, text: str) -> str:
         for real, here in (("/etc/megaportrait", self.root / "etc"), ("/var/lib/megaportrait", self.root / "var"),
-                           ("/srv/megaportrait", self.root / "srv"), ("/opt/megaportrait", REPO)):
+                           ("/srv/megaportrait", self.root / "srv"), ("/opt/megaportrait", self.root / "opt")):
             text = text.replace(real, str(here))
         return re.sub(r"(?<![\d.])(" + "|".join(map(str, self.ports)) + r")(?!\d)",
                       lambda m: str(self.ports[int(m[1])]), text)
@@ -143,7 +149,7 @@ class DocRun:
 
     def _script(self, block: DocBlock) -> str:
         state = shlex.quote(str(self.env_file))
-        return (f"set -euo pipefail\n[ -f {state} ] && . {state}\n{self.tree.substitute(block.code)}\n"
+        return (f"set -euo pipefail -a\n[ -f {state} ] && . {state}\n{self.tree.substitute(block.code)}\n"
                 f"export -p > {state}\n")
 
     def run(self, block: DocBlock) -> None:
@@ -167,7 +173,7 @@ class DocRun:
 
     def _start(self, block: DocBlock) -> None:
         log = self.tree.root / f"server-{block.line}.log"
-        script = self._script(block).replace("set -euo pipefail\n", "set -eu\n")
+        script = self._script(block).replace("set -euo pipefail -a\n", "set -eu -a\n")
         with open(log, "wb") as out:
             popen = subprocess.Popen(["bash", "-c", script], cwd=self.tree.work, env=self.tree.env(), stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)

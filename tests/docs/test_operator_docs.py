@@ -1,0 +1,84 @@
+"""Docs are code: every marked shell block of deploy/README.md and deploy/docs/*.md runs as written (doc_runner.py).
+
+Each doc runs on loopback in its own temporary tree. one-machine.md covers the PKI, the SuperLink, two SuperNodes, a
+two-round run stopped and resumed, status, a render node and the review page over every component's log; it takes
+minutes, so it is marked slow. A doc whose commands drift from the code fails here, naming the doc and line.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .doc_runner import REPO, DocRun, DocTree, extract_blocks, operator_docs
+
+SLOW_DOCS = {"one-machine.md"}
+
+
+def _docs_with_blocks() -> list[Path]:
+    return [doc for doc in operator_docs() if extract_blocks(doc)]
+
+
+def test_the_walkthrough_doc_has_runnable_blocks_for_every_role():
+    blocks = extract_blocks(REPO / "deploy" / "docs" / "one-machine.md")
+    code = "\n".join(b.code for b in blocks)
+    for command in ("pki init", "flower-superlink", "coordinator register", "run-supernode.sh", "coordinator run",
+                    "coordinator status", "coordinator stop", "render-node serve", "audit serve"):
+        assert command in code, command
+    assert sum(b.background for b in blocks) == 5  # SuperLink, two SuperNodes, render node, review page
+
+
+def test_a_marker_without_a_bash_block_is_an_error(tmp_path):
+    doc = tmp_path / "bad.md"
+    doc.write_text("<!-- doctest -->\n```\necho hi\n```\n")
+    with pytest.raises(ValueError, match="bad.md:1: doctest marker not followed by a ```bash block"):
+        extract_blocks(doc)
+
+
+def test_a_failing_block_names_its_doc_and_line(tmp_path):
+    doc = REPO / "deploy" / "docs" / "_doctest_probe.md"
+    doc.write_text("intro\n\n<!-- doctest -->\n```bash\ntest -d /etc/megaportrait\nfalse\n```\n")
+    try:
+        block, = extract_blocks(doc)
+        run = DocRun(DocTree(tmp_path))
+        with pytest.raises(AssertionError, match=r"deploy/docs/_doctest_probe.md:5: exit 1"):
+            run.run(block)
+    finally:
+        doc.unlink()
+
+
+def _leftovers(home: Path) -> list[str]:
+    """Processes still running with this tree's HOME (everything a doc started inherits it)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.environ().get("HOME") == str(home):
+                found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:120]}")
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("doc", [pytest.param(d, id=d.name, marks=[pytest.mark.slow] if d.name in SLOW_DOCS else [])
+                                 for d in _docs_with_blocks()])
+def test_operator_doc_runs_as_written(doc, tmp_path, people, capsys):
+    tree = DocTree(tmp_path)
+    photos = tree.work / "trial-photos"
+    for site, person, files in (("alpha", "person-obama", people["obama"][:2]),
+                                ("beta", "person-biden", people["biden"][:1])):
+        (photos / site / person).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, photos / site / person / f.name)
+    run = DocRun(tree)
+    try:
+        for block in extract_blocks(doc):
+            run.run(block)
+    finally:
+        run.close()
+        left = _leftovers(tree.root / "home")
+        with capsys.disabled():
+            print(f"\n{doc.name}: " + ", ".join(f"{where.split(':')[-1]}={s:.0f}s" for where, s in run.timings))
+    assert not left, f"processes outlived {doc.name}'s servers: {left}"
