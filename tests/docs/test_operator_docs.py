@@ -6,7 +6,9 @@ minutes, so it is marked slow. A doc whose commands drift from the code fails he
 """
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -64,8 +66,11 @@ def _leftovers(home: Path) -> list[str]:
 
 @pytest.mark.parametrize("doc", [pytest.param(d, id=d.name, marks=[pytest.mark.slow] if d.name in SLOW_DOCS else [])
                                  for d in _docs_with_blocks()])
-def test_operator_doc_runs_as_written(doc, tmp_path, people, capsys):
-    tree = DocTree(tmp_path)
+def test_operator_doc_runs_as_written(doc, people, capsys):
+    # Not tmp_path: pytest prunes old base temp folders of the same user, and a concurrent pytest could delete this
+    # tree while its servers still run. Kept on failure, for the logs.
+    root = Path(tempfile.mkdtemp(prefix=f"megaportrait-doctest-{doc.stem}-"))
+    tree = DocTree(root)
     photos = tree.work / "trial-photos"
     for site, person, files in (("alpha", "person-obama", people["obama"][:2]),
                                 ("beta", "person-biden", people["biden"][:1])):
@@ -82,3 +87,5 @@ def test_operator_doc_runs_as_written(doc, tmp_path, people, capsys):
         with capsys.disabled():
             print(f"\n{doc.name}: " + ", ".join(f"{where.split(':')[-1]}={s:.0f}s" for where, s in run.timings))
     assert not left, f"processes outlived {doc.name}'s servers: {left}"
+    if not os.environ.get("MEGAPORTRAIT_DOCTEST_KEEP"):  # set it to look at a passing run's logs
+        shutil.rmtree(root, ignore_errors=True)
