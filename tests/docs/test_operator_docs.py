@@ -87,5 +87,6 @@ def test_operator_doc_runs_as_written(doc, people, capsys):
         with capsys.disabled():
             print(f"\n{doc.name}: " + ", ".join(f"{where.split(':')[-1]}={s:.0f}s" for where, s in run.timings))
     assert not left, f"processes outlived {doc.name}'s servers: {left}"
+    assert not (tree.work / "runs").exists(), "a documented command wrote runs/ into the operator's working folder"
     if not os.environ.get("MEGAPORTRAIT_DOCTEST_KEEP"):  # set it to look at a passing run's logs
         shutil.rmtree(root, ignore_errors=True)
