@@ -1,13 +1,18 @@
 """`megaportrait coordinator ...`: certificates, the SuperLink, site registration, runs, simulation and status.
 
-A deployment, step by step (each step prints what the next needs):
+A deployment, step by step (each step prints what the next needs); register, run, status, stop and sites take the
+run's state folder from `coordinator.state_dir` of the settings file (--config or $MEGAPORTRAIT_CONFIG) or from
+--state-dir, and keep the Flower CLI's connection in <state-dir>/flwr-cli:
 
     megaportrait coordinator certs --out fed/credentials --site clinic-a --site clinic-b --host coordinator.lan
     megaportrait coordinator superlink --credentials fed/credentials --port 9093 --state-dir fed/superlink
-    megaportrait coordinator register --credentials fed/credentials --address coordinator.lan:9093
+    megaportrait coordinator register --credentials fed/credentials --address coordinator.lan:9093 --state-dir fed/run
     # at each site: megaportrait client supernode --site-id clinic-a --data-dir photos/ --state-dir state/ ...
-    megaportrait coordinator run --address coordinator.lan:9093 --credentials fed/credentials --rounds 3
+    megaportrait coordinator run --address coordinator.lan:9093 --credentials fed/credentials --rounds 3 \
+        --state-dir fed/run
+    megaportrait coordinator status --state-dir fed/run
 
+The operator's guide is deploy/docs/coordinator.md; deploy/docs/one-machine.md runs these commands (doc-tested).
 Heavy imports (Flower, torch) happen inside the commands, so `megaportrait --help` stays fast.
 """
 from __future__ import annotations
