@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -51,17 +52,31 @@ def test_a_failing_block_names_its_doc_and_line(tmp_path):
         doc.unlink()
 
 
-def _leftovers(home: Path) -> list[str]:
-    """Processes still running with this tree's HOME (everything a doc started inherits it)."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+def _leftovers(home: Path, grace: float = 20.0) -> list[str]:
+    """Processes still running with this tree's HOME (everything a doc started inherits it) once `grace` seconds
+    have passed: they are killed and named. The grace is for what a server ends after it has exited itself (the
+    SuperLink gives its flower-superexec 1 s, then leaves it to finish on its own)."""
+    def running() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+            try:
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.environ().get("HOME") == str(home):
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    deadline = time.monotonic() + grace
+    while (procs := running()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    named = []
+    for proc in procs:
         try:
-            if proc.environ().get("HOME") == str(home):
-                found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:120]}")
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            named.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:120]}")
+            proc.kill()
+        except psutil.NoSuchProcess:
             continue
-    return found
+    return named
 
 
 @pytest.mark.parametrize("doc", [pytest.param(d, id=d.name, marks=[pytest.mark.slow] if d.name in SLOW_DOCS else [])
