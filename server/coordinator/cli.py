@@ -186,11 +186,11 @@ def simulate(sites_dir: Path = typer.Argument(..., help="One sub-folder per site
                                                         "and audit.jsonl; checked by every site each round."),
              state_dir: Path = typer.Option(Path("runs/coordinator-sim")), rounds: int = typer.Option(2),
              secure_aggregation: bool = typer.Option(True, "--secure-aggregation/--no-secure-aggregation"),
-             config: list[str] = typer.Option([], "--config", "-c")) -> None:
+             run_config: list[str] = typer.Option([], "--run-config", "-c", help="Run-config overrides, key=value.")) -> None:
     """Run the federation on Flower's simulation engine (one virtual SuperNode per site folder)."""
     from .deployment import simulate as _simulate
 
-    overrides = {"num-server-rounds": rounds, "secure-aggregation": secure_aggregation, **_parse_config(config)}
+    overrides = {"num-server-rounds": rounds, "secure-aggregation": secure_aggregation, **_parse_config(run_config)}
     result = _simulate(sites_dir, state_dir.resolve() / "coordinator", site_state_dir=state_dir.resolve() / "sites",
                        run_config=overrides, consent=consent_dir)
     typer.echo(json.dumps({"seconds": round(result.seconds, 1), "status": result.status,
