@@ -186,7 +186,8 @@ def simulate(sites_dir: Path = typer.Argument(..., help="One sub-folder per site
                                                         "and audit.jsonl; checked by every site each round."),
              state_dir: Path = typer.Option(Path("runs/coordinator-sim")), rounds: int = typer.Option(2),
              secure_aggregation: bool = typer.Option(True, "--secure-aggregation/--no-secure-aggregation"),
-             run_config: list[str] = typer.Option([], "--run-config", "-c", help="Run-config overrides, key=value.")) -> None:
+             run_config: list[str] = typer.Option([], "--run-config", "-c", help="Run-config overrides, key=value.")
+             ) -> None:
     """Run the federation on Flower's simulation engine (one virtual SuperNode per site folder)."""
     from .deployment import simulate as _simulate
 
