@@ -40,14 +40,23 @@ def test_a_marker_without_a_bash_block_is_an_error(tmp_path):
         extract_blocks(doc)
 
 
-def test_a_failing_block_names_its_doc_and_line(tmp_path):
+def test_blocks_run_in_the_tree_with_paths_and_ports_substituted_and_a_failure_names_its_line(tmp_path):
     doc = REPO / "deploy" / "docs" / "_doctest_probe.md"
-    doc.write_text("intro\n\n<!-- doctest -->\n```bash\ntest -d /etc/megaportrait\nfalse\n```\n")
+    doc.write_text("intro\n\n<!-- doctest -->\n```bash\nmkdir -p /etc/megaportrait/x\nPORT=9093\n```\n\n"
+                   "<!-- doctest -->\n```bash\necho $PORT /etc/megaportrait /opt/megaportrait > seen.txt\nfalse\n```\n")
     try:
-        block, = extract_blocks(doc)
-        run = DocRun(DocTree(tmp_path))
-        with pytest.raises(AssertionError, match=r"deploy/docs/_doctest_probe.md:5: exit 1"):
-            run.run(block)
+        first, second = extract_blocks(doc)
+        tree = DocTree(tmp_path)
+        run = DocRun(tree)
+        run.run(first)
+        assert (tmp_path / "etc" / "x").is_dir() and not Path("/etc/megaportrait/x").exists()
+        with pytest.raises(AssertionError, match=r"deploy/docs/_doctest_probe.md:11: exit 1"):
+            run.run(second)
+        port, etc, opt = (tree.work / "seen.txt").read_text().split()
+        assert int(port) == tree.ports[9093] != 9093  # a variable set in one block reaches the next
+        assert (etc, opt) == (str(tmp_path / "etc"), str(tmp_path / "opt"))
+        assert (tree.work / "deploy" / "coordinator" / "flwr" / "config.toml").read_text().count(
+            f"127.0.0.1:{tree.ports[9093]}") == 1  # files copied from deploy/ point into the tree too
     finally:
         doc.unlink()
 
