@@ -412,9 +412,18 @@ def _make_private(unet: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
                   steps: int, generator: torch.Generator) -> tuple[Any, Any, Any, Any]:
     """Wrap the ordinary model/optimizer/loader with Opacus; the loader's own generator drives Poisson sampling and
     `generator` (on the gradients' device) the noise."""
+    import warnings
+
     from opacus import PrivacyEngine
 
-    engine = PrivacyEngine(accountant=settings.accountant)
+    with warnings.catch_warnings():
+        # Opacus' secure_mode needs torchcsprng, which has no build for torch 2 (its last release, 0.2.1, targets
+        # torch 1.8). The noise generator is seeded from the OS entropy pool instead (_private_generator); the
+        # deploy docs state what that leaves open ("Secure RNG" in deploy/docs/site-client.md).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=settings.accountant)
+    log.info("DP noise: torch generator seeded from the OS entropy pool (Opacus secure_mode off: no torchcsprng "
+             "for torch 2; see deploy/docs/site-client.md, Secure RNG)")
     common = dict(module=unet, optimizer=optimizer, data_loader=loader, max_grad_norm=settings.max_grad_norm,
                   poisson_sampling=True, noise_generator=generator,
                   grad_sample_mode=_grad_sample_mode(settings.grad_sample_mode, unet))

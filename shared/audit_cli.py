@@ -189,8 +189,11 @@ def serve(
     logs: LogsArg = None,
     public_key: Annotated[Optional[list[str]], typer.Option("--public-key", "-k", help="One per log, in the same order.")] = None,
     listen: Annotated[Optional[str], typer.Option(help="host:port (default: policy.review_listen).")] = None,
+    logs_dir: Annotated[Optional[Path], typer.Option(help="Also every <component>.jsonl in this folder ...")] = None,
+    keys_dir: Annotated[Optional[Path], typer.Option(help="... each verified with <component>.pub from this folder.")] = None,
 ) -> None:
-    """Serve the read-only reviewer page (HTTP Basic, reviewers from `policy.reviewers`)."""
+    """Serve the read-only reviewer page (HTTP Basic, reviewers from `policy.reviewers`) over the LOGS given and
+    every log in --logs-dir (a component's log and key named alike: coordinator.jsonl, coordinator.pub)."""
     import uvicorn
 
     from megaportrait.server.audit_review import ReviewedLog, create_review_app
@@ -198,9 +201,21 @@ def serve(
     from . import audit
 
     s = _settings().policy
-    paths = logs or [s.audit_log]
-    keys = public_key or [str(Path(f"{s.audit_key}.pub"))] * len(paths)
-    if len(keys) != len(paths):
+    if (logs_dir is None) != (keys_dir is None):
+        typer.echo("error: --logs-dir and --keys-dir go together", err=True)
+        raise typer.Exit(2)
+    folder_logs = sorted(logs_dir.glob("*.jsonl")) if logs_dir is not None else []
+    if logs_dir is not None:
+        missing = [p.stem for p in folder_logs if not (keys_dir / f"{p.stem}.pub").is_file()]
+        if not folder_logs or missing:
+            why = f"no <component>.jsonl in {logs_dir}" if not folder_logs else f"no key {keys_dir}/<component>.pub for {missing}"
+            typer.echo(f"error: {why}", err=True)
+            raise typer.Exit(2)
+    named = list(logs or ([] if folder_logs else [s.audit_log]))
+    named_keys = public_key or [str(Path(f"{s.audit_key}.pub"))] * len(named)
+    paths = named + folder_logs
+    keys = named_keys + [str(keys_dir / f"{p.stem}.pub") for p in folder_logs]
+    if len(named_keys) != len(named):
         typer.echo("error: give one --public-key per log", err=True)
         raise typer.Exit(2)
     try:

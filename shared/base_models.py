@@ -28,6 +28,9 @@ from typing import Any, Iterator
 import torch
 
 from .errors import ModelNotFound
+
+TINY_MODEL_NOTE = ("tiny embedded test model (no base_model weights configured): it exercises the whole path, but "
+                   "its diffusion output is NOT a portrait")
 from .records import BaseModelRef
 
 log = logging.getLogger("megaportrait.base_models")

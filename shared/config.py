@@ -91,12 +91,17 @@ class RenderSettings(_Section):
 
 
 class CoordinatorSettings(_Section):
-    """The Flower coordinator."""
+    """The Flower coordinator, as `megaportrait coordinator run/status/stop/sites` read it.
+
+    `rounds`, `min_sites` and `state_dir` become the run config's `num-server-rounds`, `min-sites` and `state-dir`;
+    `run_config` holds any other [tool.flwr.app.config] key (an unknown one is refused by name). Privacy budgets are
+    not set here (see policies/).
+    """
 
     rounds: int = 2
     min_sites: int = 2
     state_dir: Path = Path("runs/coordinator")
-    epsilon_budget_per_site: float = 10.0
+    run_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
 class PolicySettings(_Section):

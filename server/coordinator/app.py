@@ -91,15 +91,33 @@ def main(grid: Grid, context: Context) -> None:
         round_done = _run(grid, context, run_config, cfg, state_dir, audit)
     except BaseException as exc:
         try:
-            latest = load_checkpoint(state_dir)
-            audit.run_end(latest.round if latest else 0, error=exc)
+            _record_interrupted(state_dir, context.run_id, cfg["rounds"], audit, exc)
         except Exception:  # noqa: BLE001 - the run's own error is the one to raise
-            log.exception("cannot audit the end of the failed run")
+            log.exception("cannot audit the end of the interrupted run")
         raise
     else:
         audit.run_end(round_done)
     finally:
         audit.close()
+
+
+def _record_interrupted(state_dir: Path, run_id: int, rounds: int, audit: CoordinatorAudit,
+                        exc: BaseException) -> None:
+    """A run that ended early: `run.stop` and status `stopped` when the operator asked for it
+    (`coordinator stop` leaves a stop request; Flower then ends the ServerApp with SystemExit), else `run.fail`
+    and status `failed` naming the error."""
+    from .deployment import read_stop_request
+
+    latest = load_checkpoint(state_dir)
+    round_done = latest.round if latest else 0
+    request = read_stop_request(state_dir, run_id) if isinstance(exc, (SystemExit, KeyboardInterrupt)) else None
+    if request is not None:
+        log.info("run %s stopped by the operator after round %d", run_id, round_done)
+        audit.run_stop(round_done, requested_at=float(request.get("at", 0.0)))
+        _write_status(state_dir, run_id, "stopped", round_done, rounds, stopped_by="operator")
+    else:
+        audit.run_end(round_done, error=exc)
+        _write_status(state_dir, run_id, "failed", round_done, rounds, error=type(exc).__name__)
 
 
 def _run(grid: Grid, context: Context, run_config: dict[str, Any], cfg: dict[str, Any], state_dir: Path,

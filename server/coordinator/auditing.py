@@ -16,7 +16,8 @@ run config in force; `data` holds hashes only, never personal data; sites are na
 - `round.aggregate` (ok): sites admitted and aggregated, refused (epsilon, budget), declined, silent, failures,
   the DP record (noise stddev...), the global adapter hash after the round and the checkpoint file hash;
   `round.skip` / `round.drop` (outcome "failed"): a round with too few sites, or dropped, with the reason;
-- `run.finish` (ok) or `run.fail` (failed, with the error class).
+- `run.finish` (ok), `run.stop` (ok: the operator stopped it with `coordinator stop`) or `run.fail` (failed, with
+  the error class).
 """
 from __future__ import annotations
 
@@ -128,6 +129,10 @@ class CoordinatorAudit:
             self._append("run.finish", detail={"round": round_done})
         else:
             self._append("run.fail", outcome="failed", detail={"round": round_done, "error": type(error).__name__})
+
+    def run_stop(self, round_done: int, *, requested_at: float) -> None:
+        """The operator stopped the run (`coordinator stop`): not a failure."""
+        self._append("run.stop", detail={"round": round_done, "requested_at": requested_at, "by": "operator"})
 
     def close(self) -> None:
         self.log.close()

@@ -4,7 +4,7 @@ Each site's epsilon comes from the Opacus accountant at the site (client/federat
 two ways: in the site's answer to the pre-round budget query (`epsilon` so far and `epsilon-next`, the accountant's
 figure for one more round) and in each round's training metrics. The ledger keeps, per site, the largest epsilon
 ever reported (a site that forgets its history does not get its budget back), and refuses a site whose
-`epsilon-next` exceeds `CoordinatorSettings.epsilon_budget_per_site`. It is JSON on disk, written atomically, so
+`epsilon-next` exceeds the run config's `epsilon-budget-per-site`. It is JSON on disk, written atomically, so
 a restarted coordinator keeps refusing the same sites.
 """
 from __future__ import annotations

@@ -648,3 +648,88 @@ class LocalFederation:
         if self.superlink is not None:
             yield self.superlink
         yield from self.supernodes.values()
+
+
+# --- the operator's view of a run: settings, stop, site ids -----------------------------------------------------
+
+SITES_FILE = "sites.json"
+STOP_REQUEST = "stop-request.json"
+SETTINGS_KEYS = {"rounds": "num-server-rounds", "min_sites": "min-sites", "state_dir": "state-dir"}
+
+
+def run_config_from_settings(settings: Any, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run config `coordinator run` submits: [tool.flwr.app.config], then the settings' `coordinator` section
+    (`rounds`, `min_sites`, `state_dir`, and `run_config` for any other key), then `overrides` (the CLI's options).
+    An unknown key, or one given both as a field and in `run_config`, is refused by name."""
+    from_settings = dict(settings.run_config)
+    both = sorted(k for field_, k in SETTINGS_KEYS.items() if k in from_settings)
+    if both:
+        raise ConfigError(f"coordinator.run_config sets {both}: set them as coordinator.rounds, min_sites, state_dir")
+    unknown = sorted(set(from_settings) - set(default_run_config()))
+    if unknown:
+        raise ConfigError(f"coordinator.run_config: unknown key(s) {unknown}; known: {sorted(default_run_config())}")
+    from_settings.update({key: getattr(settings, field_) for field_, key in SETTINGS_KEYS.items()})
+    from_settings["state-dir"] = str(Path(from_settings["state-dir"]).expanduser().resolve())
+    return fused_run_config({**from_settings, **(overrides or {})})
+
+
+def record_site_node(state_dir: Path, site: str, node_id: int, public_key: Path) -> None:
+    """Remember which node id the SuperLink gave a site's key (`flwr supernode ls` shows node ids only)."""
+    import hashlib
+
+    nodes = read_site_nodes(state_dir)
+    nodes[str(node_id)] = {"site": site, "public_key_sha256": hashlib.sha256(public_key.read_bytes()).hexdigest()}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / f".{SITES_FILE}.tmp"
+    tmp.write_text(json.dumps(nodes, indent=1, sort_keys=True))
+    tmp.replace(state_dir / SITES_FILE)
+
+
+def read_site_nodes(state_dir: Path) -> dict[str, Any]:
+    """node id -> {site, public_key_sha256}, as `coordinator register` recorded them."""
+    return _read_json(Path(state_dir) / SITES_FILE)
+
+
+def list_sites(flwr_home: Path, state_dir: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """`flwr supernode ls`, each node with its site id (None: registered by other means than `register`)."""
+    result = subprocess.run([_tool("flwr"), "supernode", "ls", CONNECTION, "--format", "json"], capture_output=True,
+                            text=True, timeout=timeout, env=flower_env(flwr_home), cwd=str(flwr_home))
+    payload = _last_json(result.stdout)
+    if result.returncode != 0 or not payload.get("success"):
+        raise DeploymentError(f"flwr supernode ls failed: {result.stdout[-500:]} {result.stderr[-500:]}")
+    known = read_site_nodes(state_dir)
+    return [{"site": known.get(str(node["node-id"]), {}).get("site"), "node_id": str(node["node-id"]),
+             "status": node.get("status"), "online_at": node.get("online-at"), "offline_at": node.get("offline-at")}
+            for node in payload.get("nodes", [])]
+
+
+def read_stop_request(state_dir: Path, run_id: int | str) -> dict[str, Any] | None:
+    """The operator's stop request for this run (written by `request_stop`), or None."""
+    request = _read_json(Path(state_dir) / STOP_REQUEST)
+    return request if request.get("run_id") == str(run_id) else None
+
+
+def request_stop(flwr_home: Path, state_dir: Path, run_id: int | None = None, wait: float = 20.0
+                 ) -> dict[str, Any]:
+    """Stop a run on purpose: record the request in the state dir (so the ServerApp audits `run.stop`, not a
+    failure), `flwr stop` it, and wait for the ServerApp to mark status.json `stopped`. A ServerApp that is already
+    gone cannot: then status.json is marked here, naming that. Returns the final status."""
+    status_file = Path(state_dir) / "status.json"
+    status = _read_json(status_file)
+    if run_id is None:
+        if not status.get("run_id"):
+            raise ConfigError(f"no run recorded in {status_file}; pass the run id")
+        run_id = int(status["run_id"])
+    (Path(state_dir) / STOP_REQUEST).write_text(json.dumps({"run_id": str(run_id), "at": time.time()}))
+    stop_run(flwr_home, run_id)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        status = _read_json(status_file)
+        if status.get("run_id") != str(run_id) or status.get("state") != "running":
+            return status
+        time.sleep(0.5)
+    status.update(state="stopped", stopped_by="operator", coordinator_acknowledged=False, at=time.time())
+    tmp = status_file.with_name(".status.tmp")
+    tmp.write_text(json.dumps(status, indent=1, default=str))
+    tmp.replace(status_file)
+    return status

@@ -99,6 +99,13 @@ def serve(
         raise typer.Exit(2) from None
     typer.echo(f"policies: consent {policies.consent.version_hash[:12]}, retention {policies.retention.version_hash[:12]}; "
                f"audit log {node.audit.path}")
+    if rs.diffusion_base_model is None:
+        import logging
+
+        from megaportrait.shared.base_models import TINY_MODEL_NOTE
+
+        logging.getLogger("megaportrait.render").warning("diffusion backend: %s", TINY_MODEL_NOTE)
+        typer.echo(f"WARNING diffusion backend: {TINY_MODEL_NOTE}", err=True)
     server = health = None
     try:
         resumed, ended = node.start()

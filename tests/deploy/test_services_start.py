@@ -182,7 +182,7 @@ def federation(defs, tmp_path_factory):
         env = box.base_env() | {"FLWR_HOME": str(flwr_home)}
         # the coordinator's own command reads the pki folder as its --credentials
         reg = box.run([str(defs.VENV_BIN / "megaportrait"), "coordinator", "register", "--credentials", str(pki / "coordinator"),
-                       "--address", f"127.0.0.1:{box.port(9093)}", "--flwr-home", str(box.root / "flwr-register"), "--site", "alpha"])
+                       "--address", f"127.0.0.1:{box.port(9093)}", "--state-dir", str(box.root / "coordinator-state"), "--site", "alpha"])
         assert reg.returncode == 0, reg.stdout + reg.stderr + link.output()
         node = box.start_unit(defs.DEPLOY / "site-client" / "megaportrait-supernode.service")
         _wait(f"grpc://127.0.0.1:{box.port(9099)}", node)

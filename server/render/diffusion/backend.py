@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from megaportrait.shared import portrait_metrics
+from megaportrait.shared.base_models import TINY_MODEL_NOTE
 from megaportrait.shared.config import RenderSettings
 from megaportrait.shared.errors import MegaPortraitError
 from megaportrait.shared.face_analysis import FaceAnalyzer, cosine
@@ -197,6 +198,7 @@ class DiffusionBackend:
             "template_sha256": w.template_sha256,
             "base_model": {"name": models.base_model.name, "sha256": models.base_model.sha256,
                            "kind": models.base_model.kind},
+            "output_note": TINY_MODEL_NOTE if models.base_model.kind == "tiny-embedded" else None,
             "controlnets": {name: models.sources[name] for name in p.controls_used(enabled)},
             "device": str(models.device),
             "dtype": str(models.dtype).replace("torch.", ""),
@@ -205,4 +207,6 @@ class DiffusionBackend:
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
         }
         log.info("diffusion render %s: stages=%s fallbacks=%s", short_hash(w.job_id), ",".join(enabled), fallbacks)
+        if metadata["output_note"]:
+            log.warning("diffusion render %s: %s", short_hash(w.job_id), TINY_MODEL_NOTE)
         return Portrait(job_id=w.job_id, pixels=out, metadata=metadata)

@@ -80,6 +80,8 @@ def test_serve_answers_over_mtls_serves_health_and_stops_on_sigterm(tmp_path):
             if "serving on port" in line:
                 port = int(line.split("serving on port")[1].split()[0])
         assert port, "".join(lines)
+        # no diffusion_base_model configured: the node says plainly that its diffusion output is not a portrait
+        assert any("tiny embedded test model" in line and "NOT a portrait" in line for line in lines), "".join(lines)
         channel = client_channel(f"localhost:{port}", TLSFiles.from_dir(tls_dir, "site-a"))
         info = stub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=30)
         assert info.node_id == "render-node" and info.default_backend == "classic"

@@ -38,7 +38,7 @@ def test_full_render_shapes_metadata_and_where_pixels_change(backend, small_temp
     assert md["params"]["resolution"] == 64 and md["params"]["scheduler"] == "ddim"
     assert md["params"]["shading"]["strength"] == pytest.approx(0.67)
     assert md["params"]["identity"]["controls"] == ("landmarks",)
-    assert md["base_model"]["kind"] == "tiny-embedded"
+    assert md["base_model"]["kind"] == "tiny-embedded" and "NOT a portrait" in md["output_note"]
     assert set(md["controlnets"]) == {"landmarks", "normals", "lineart", "tile"}
     assert isinstance(md["fallbacks"], list)
     assert np.isfinite(md["ita"]["template"])
