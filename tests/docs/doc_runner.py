@@ -7,7 +7,8 @@ tree: `/etc/megaportrait`, `/var/lib/megaportrait` and `/srv/megaportrait` becom
 ports become free ones, and `/opt/megaportrait` (the release) holds this checkout's venv and policies and a copy of
 `deploy/` with the same substitutions (so a file the doc copies out of it points into the tree too). Blocks run in
 order in one working folder, where `deploy/` and `policies/` are the release's; variables a block sets reach the
-next ones.
+next ones. test_operator_docs.py runs each doc; a doc that needs other roles' steps first (site-client.md: the PKI
+and a render node) has its own test, which runs those steps and the doc's blocks through this same runner.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ class DocTree:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MEGAPORTRAIT_", "FLWR_"))}
         env.update(HOME=str(self.root / "home"), OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0",
                    PATH=os.pathsep.join([str(REPO / ".venv" / "bin"), env.get("PATH", "")]),
-                   PYTHONWARNINGS="ignore")
+                   PYTHONWARNINGS="ignore", COLUMNS="200")
         return env
 
 
@@ -152,8 +153,10 @@ class DocRun:
         return (f"set -euo pipefail -a\n[ -f {state} ] && . {state}\n{self.tree.substitute(block.code)}\n"
                 f"export -p > {state}\n")
 
-    def run(self, block: DocBlock) -> None:
+    def run(self, block: DocBlock) -> str:
+        """Runs one block; returns what a foreground block printed (stdout and stderr), "" for a server."""
         started = time.monotonic()
+        output = ""
         if block.background:
             self._start(block)
         else:
@@ -169,7 +172,9 @@ class DocRun:
                 what = "timed out" if rc is None else f"exit {rc}"
                 raise BlockFailure(block, f"{what}\n--- output ---\n{log.read_text(errors='replace')[-4000:]}"
                                    + self._server_logs())
+            output = log.read_text(errors="replace")
         self.timings.append((block.where, time.monotonic() - started))
+        return output
 
     def _start(self, block: DocBlock) -> None:
         log = self.tree.root / f"server-{block.line}.log"
@@ -229,3 +234,32 @@ def _connects(host: str, port: int) -> bool:
 
 def operator_docs() -> list[Path]:
     return [REPO / "deploy" / "README.md", *sorted((REPO / "deploy" / "docs").glob("*.md"))]
+
+
+def leftover_processes(home: Path, grace: float = 20.0) -> list[str]:
+    """Processes still running with this tree's HOME (everything a doc started inherits it) once `grace` seconds
+    have passed: they are killed and named. The grace is for what a server ends after it has exited itself (the
+    SuperLink gives its flower-superexec 1 s, then leaves it to finish on its own)."""
+    import psutil
+
+    def running() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+            try:
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.environ().get("HOME") == str(home):
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    deadline = time.monotonic() + grace
+    while (procs := running()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    named = []
+    for proc in procs:
+        try:
+            named.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:120]}")
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    return named

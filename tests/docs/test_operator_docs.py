@@ -9,19 +9,27 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from .doc_runner import REPO, DocRun, DocTree, extract_blocks, operator_docs
+from .doc_runner import REPO, DocRun, DocTree, extract_blocks, leftover_processes, operator_docs
 
 SLOW_DOCS = {"one-machine.md"}
+# A doc whose blocks need a setting-up the doc leaves to other roles runs in its own test, through the same runner.
+OWN_TEST = {"site-client.md": Path(__file__).with_name("test_site_client_doc.py")}
 
 
 def _docs_with_blocks() -> list[Path]:
-    return [doc for doc in operator_docs() if extract_blocks(doc)]
+    return [doc for doc in operator_docs() if extract_blocks(doc) and doc.name not in OWN_TEST]
+
+
+def test_every_doc_with_marked_blocks_runs_once_through_the_runner():
+    with_blocks = {doc.name for doc in operator_docs() if extract_blocks(doc)}
+    assert with_blocks == {d.name for d in _docs_with_blocks()} | set(OWN_TEST), with_blocks
+    for name, test in OWN_TEST.items():
+        text = test.read_text()
+        assert f'"{name}"' in text and "extract_blocks(" in text and "DocRun(" in text, test
 
 
 def test_the_walkthrough_doc_has_runnable_blocks_for_every_role():
@@ -61,33 +69,6 @@ def test_blocks_run_in_the_tree_with_paths_and_ports_substituted_and_a_failure_n
         doc.unlink()
 
 
-def _leftovers(home: Path, grace: float = 20.0) -> list[str]:
-    """Processes still running with this tree's HOME (everything a doc started inherits it) once `grace` seconds
-    have passed: they are killed and named. The grace is for what a server ends after it has exited itself (the
-    SuperLink gives its flower-superexec 1 s, then leaves it to finish on its own)."""
-    def running() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-            try:
-                if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.environ().get("HOME") == str(home):
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
-
-    deadline = time.monotonic() + grace
-    while (procs := running()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    named = []
-    for proc in procs:
-        try:
-            named.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:120]}")
-            proc.kill()
-        except psutil.NoSuchProcess:
-            continue
-    return named
-
-
 @pytest.mark.parametrize("doc", [pytest.param(d, id=d.name, marks=[pytest.mark.slow] if d.name in SLOW_DOCS else [])
                                  for d in _docs_with_blocks()])
 def test_operator_doc_runs_as_written(doc, people, capsys):
@@ -107,7 +88,7 @@ def test_operator_doc_runs_as_written(doc, people, capsys):
             run.run(block)
     finally:
         run.close()
-        left = _leftovers(tree.root / "home")
+        left = leftover_processes(tree.root / "home")
         with capsys.disabled():
             print(f"\n{doc.name}: " + ", ".join(f"{where.split(':')[-1]}={s:.0f}s" for where, s in run.timings))
     assert not left, f"processes outlived {doc.name}'s servers: {left}"
