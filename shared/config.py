@@ -115,7 +115,6 @@ class PolicySettings(_Section):
     consent_ledger: Path = Path("runs/site/consent.sqlite")
     audit_log: Path = Path("runs/audit/audit.jsonl")
     audit_key: Path = Path("runs/audit/signing.key")
-    audit_checkpoint_every: int = 1000
     reviewers: dict[str, str] = Field(default_factory=dict)
     review_listen: str = "127.0.0.1:8088"
 

@@ -1,8 +1,9 @@
 """Docs are code: every marked shell block of deploy/README.md and deploy/docs/*.md runs as written (doc_runner.py).
 
 Each doc runs on loopback in its own temporary tree. one-machine.md covers the PKI, the SuperLink, two SuperNodes, a
-two-round run stopped and resumed, status, a render node and the review page over every component's log; it takes
-minutes, so it is marked slow. A doc whose commands drift from the code fails here, naming the doc and line.
+two-round run stopped and resumed, status, a render node, a portrait and a revocation through the site commands, and
+the review page over every component's log; it takes minutes, so it is marked slow. site-client.md runs in
+test_site_client_doc.py. A doc whose commands drift from the code fails here, naming the doc and line.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def test_the_walkthrough_doc_has_runnable_blocks_for_every_role():
     blocks = extract_blocks(REPO / "deploy" / "docs" / "one-machine.md")
     code = "\n".join(b.code for b in blocks)
     for command in ("pki init", "flower-superlink", "coordinator register", "run-supernode.sh", "coordinator run",
-                    "coordinator status", "coordinator stop", "render-node serve", "audit serve"):
+                    "coordinator status", "coordinator stop", "render-node serve", "client consent grant",
+                    "client enrol", "client render", "client revoke", "audit serve"):
         assert command in code, command
     assert sum(b.background for b in blocks) == 5  # SuperLink, two SuperNodes, render node, review page
 
@@ -71,7 +73,7 @@ def test_blocks_run_in_the_tree_with_paths_and_ports_substituted_and_a_failure_n
 
 @pytest.mark.parametrize("doc", [pytest.param(d, id=d.name, marks=[pytest.mark.slow] if d.name in SLOW_DOCS else [])
                                  for d in _docs_with_blocks()])
-def test_operator_doc_runs_as_written(doc, people, capsys):
+def test_operator_doc_runs_as_written(doc, people, templates, capsys):
     # Not tmp_path: pytest prunes old base temp folders of the same user, and a concurrent pytest could delete this
     # tree while its servers still run. Kept on failure, for the logs.
     root = Path(tempfile.mkdtemp(prefix=f"megaportrait-doctest-{doc.stem}-"))
@@ -82,6 +84,8 @@ def test_operator_doc_runs_as_written(doc, people, capsys):
         (photos / site / person).mkdir(parents=True)
         for f in files:
             shutil.copy(f, photos / site / person / f.name)
+    (tree.work / "trial-templates").mkdir()
+    shutil.copy(templates[0], tree.work / "trial-templates" / "studio-1.jpg")
     run = DocRun(tree)
     try:
         for block in extract_blocks(doc):

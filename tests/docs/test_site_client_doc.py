@@ -33,7 +33,8 @@ cp -r pki/render-node /etc/megaportrait/pki/render-node
 cp -r /opt/megaportrait/policies /etc/megaportrait/policies
 sed 's#render-node.example.org:#localhost:#' deploy/site-client/site.yaml > /etc/megaportrait/site.yaml
 sed -e 's#diffusion_base_model: .*#diffusion_base_model: null#' -e 's#diffusion_device: cuda#diffusion_device: cpu#' \\
-    -e 's#diffusion_fp16: true#diffusion_fp16: false#' deploy/render-node/render-node.yaml > /etc/megaportrait/render-node.yaml
+    -e 's#diffusion_fp16: true#diffusion_fp16: false#' deploy/render-node/render-node.yaml \\
+    > /etc/megaportrait/render-node.yaml
 megaportrait render-node keygen --state-dir /var/lib/megaportrait/render-node
 cp /var/lib/megaportrait/render-node/node_public.json /etc/megaportrait/node_public.json
 """

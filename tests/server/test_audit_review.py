@@ -242,3 +242,32 @@ def test_failed_logins_are_throttled_per_client_over_a_real_server(tmp_path, rev
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_revocation_shows_every_site_store_it_emptied(tmp_path, reviewer_hash, people):
+    from megaportrait.shared import consent
+    from megaportrait.shared.policy import load_consent_policy
+    from megaportrait.shared.retention import FileStore
+
+    repo = Path(__file__).resolve().parents[2]
+    key = audit.generate_signing_key(tmp_path / "site.key")
+    log = audit.AuditLog(tmp_path / "site-alpha.jsonl", key, component="site:alpha", checkpoint_every=0)
+    ledger = consent.ConsentLedger(tmp_path / "consent.sqlite", site="alpha", key=key,
+                                   policy=load_consent_policy(repo / "policies" / "consent.yaml"), audit=log)
+    try:
+        ledger.grant("p-obama", ["render"], granted_by="subject", actor="operator:1")
+        stores = [FileStore(tmp_path / name, name) for name in ("source_photos", "face_crops", "personal_adapters")]
+        for i, photo in enumerate(people["obama"][:2]):
+            stores[0].put("p-obama", f"{i}.jpg", photo.read_bytes())
+        stores[1].put("p-obama", "0.png", b"crop")  # personal_adapters stays empty: audited all the same
+        consent.revoke_person("p-obama", ledger=ledger, by="subject", site_stores=stores)
+        log.checkpoint()
+    finally:
+        ledger.close()
+    app = create_review_app([ReviewedLog(log.path, key.public_key())], {"rita": reviewer_hash})
+    with TestClient(app) as client:
+        page = client.get("/", params={"person": "p-obama", "action": "revocation"}, auth=AUTH).text
+    assert page.count('data-action="revocation.site_delete"') == 3, page
+    for store in ("source_photos", "face_crops", "personal_adapters"):
+        assert f"&quot;store&quot;: &quot;{store}&quot;" in page, store
+    assert page.count('class="entry o-ok"') == 3  # each read back empty
