@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 MARKER = re.compile(r"^\s*<!--\s*doctest(?::\s*(?P<kind>background)(?P<opts>[^>]*?))?\s*-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>\S*)\s*$")
 # Every port an operator doc names: each becomes a free port in the temporary tree.
-DOC_PORTS = (9093, 9094, 9098, 9099, 9194, 9199, 9464, 9465, 9466, 50051, 8088)
+DOC_PORTS = (9093, 9094, 9098, 9099, 9194, 9199, 9464, 9465, 9466, 50051, 8088, 8089)
 TEXT_SUFFIXES = {".yaml", ".yml", ".toml", ".env", ".service", ".timer", ".sh", ".md", ".json", ""}
 
 

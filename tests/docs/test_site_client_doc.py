@@ -65,8 +65,8 @@ def test_site_client_doc_runs_as_written(people, shared_data, templates):
     from megaportrait.shared import audit
 
     blocks = extract_blocks(DOC)
-    assert len(blocks) == 5, [b.where for b in blocks]
-    keygen, consent, enrol, render, revoke = blocks
+    assert len(blocks) == 8, [b.where for b in blocks]
+    keygen, consent, enrol, render, revoke, *console = blocks
     root = Path(tempfile.mkdtemp(prefix="megaportrait-doctest-site-client-"))
     tree = DocTree(root)
     var, node_state = root / "var", root / "var" / "render-node"
@@ -118,6 +118,9 @@ def test_site_client_doc_runs_as_written(people, shared_data, templates):
         finally:
             db.close()
         assert _job_ids(node_state) == []
+
+        for block in console:  # a staff login, the console, and its people page (the revoked person is listed)
+            run.run(block)
     finally:
         run.close()
         left = leftover_processes(root / "home")
