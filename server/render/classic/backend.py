@@ -39,7 +39,7 @@ from megaportrait.shared.skin_tone import face_ita
 
 from .harmonize import (HarmonizeParams, PersonSegmenter, laplacian_blend, match_grain, noise_level, recolor_skin,
                         refine_mask, skin_search_region, skin_tone, skin_weight, to_lab)
-from .paste import face_region_mask, paste_face
+from .paste import face_region_mask, hairline_face_region, paste_face
 from .shading import (ShadingParams, mesh_normal_map, preview_gain, relight, search_shading_sigma, shade_face,
                       srgb_to_linear, with_sigma)
 
@@ -86,13 +86,16 @@ class ClassicParams:
         so the dark blobs of the person's own photo light around the eyes are divided out like any other shading).
     forehead_shading: 0..1, weight of the stretched forehead (above the mesh oval) when estimating shading, so the
         template's light on its upper forehead carries over.
+    tone_from_all_crops: bring the pasted face's skin (median L*, a*, b* of the cheek/nose skin) to the median over
+        all the payload's crops before shading, so one photo's exposure or white balance does not decide the
+        person's skin tone (skin tone is judged against the person's median over all their photos).
     The rest are the stage parameters, documented in `ShadingParams` and `HarmonizeParams`.
     Defaults were chosen on the 20 acceptance pairs (tests/server/render/classic/test_classic_acceptance.py).
     """
 
     source_crop: int = 0
     forehead: float = 0.5
-    grow: float = 0.2
+    grow: float = 0.0
     shading_sigma: float = ShadingParams.shading_sigma
     periphery: float = ShadingParams.periphery
     detail: float = ShadingParams.detail
@@ -112,6 +115,7 @@ class ClassicParams:
     tone_transfer: bool = HarmonizeParams.tone_transfer
     grain: bool = HarmonizeParams.grain
     cut_to_template: bool = HarmonizeParams.cut_to_template
+    tone_from_all_crops: bool = True
 
     @classmethod
     def from_dict(cls, params: dict | None) -> "ClassicParams":
@@ -198,6 +202,20 @@ def _roi(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
     return slice(y0, y1), slice(x0, x1)
 
 
+def _tone_to_all_crops(layer: np.ndarray, region: np.ndarray, identity: FaceCropSet,
+                       index: int) -> tuple[np.ndarray, dict]:
+    """The pasted layer with its skin moved from crop `index`'s tone to the median tone of all crops (around the
+    face `region`, uint8), and what was done: {crops, from, to} (median L*, a*, b*)."""
+    tones = [skin_tone(to_lab(c.pixels), cheek_nose_mask(c.face, c.pixels.shape[:2])) for c in identity.crops]
+    own, target = tones[index], np.median(np.stack(tones), axis=0)
+    rows, cols = _roi(region, 4)
+    layer = layer.copy()
+    weight = np.ones((rows.stop - rows.start, cols.stop - cols.start), np.float32)
+    layer[rows, cols] = recolor_skin(layer[rows, cols], weight, own, target)
+    return layer, {"crops": len(tones), "from": [round(float(v), 2) for v in own],
+                   "to": [round(float(v), 2) for v in target]}
+
+
 def _noop_progress(stage: str, fraction: float) -> None:
     pass
 
@@ -262,17 +280,23 @@ class ClassicBackend:
         face_px = float(tface.box[2])
         template_oval = face_oval_mask(tface, shape)
         template_skin = skin_mask(tface, shape)
+        # Where the person's face may go: the template's face up to its own hairline (its hair, headwear, ears and
+        # background stay as they are).
+        template_region = hairline_face_region(pixels, tface, p.forehead, 0.0)
         timings["analyse"] = time.perf_counter() - t0
 
         # -- Identity: paste the person's face onto the template's, keeping the person's geometry.
         progress("identity", 0.0)
         t = time.perf_counter()
         person_face = None
+        tone_info = None
         if stages.identity:
             pasted, taken = paste_face(crop, tface, shape, p.forehead, p.grow)
             fallbacks += taken
             layer, person_face, person_oval = pasted.layer, pasted.face, pasted.oval
             person_skin = skin_mask(person_face, shape) & person_oval
+            if p.tone_from_all_crops and len(identity.crops) > 1 and person_oval.any():
+                layer, tone_info = _tone_to_all_crops(layer, person_oval, identity, p.source_crop)
         else:
             layer, person_oval, person_skin = pixels.copy(), template_oval, template_skin
         timings["identity"] = time.perf_counter() - t
@@ -284,7 +308,7 @@ class ClassicBackend:
         # What harmonization will do is settled first: the shading scale search previews the composite.
         t = time.perf_counter()
         if stages.harmonize:
-            mask = refine_mask(person_oval, template_oval, face_px, hp)
+            mask = refine_mask(person_oval, template_region, face_px, hp)
         else:
             mask = (person_oval > 0).astype(np.float32)
         person_prob = None
@@ -359,7 +383,15 @@ class ClassicBackend:
                 target = noise_level(pixels[rows, cols], template_skin[rows, cols])
                 fg = match_grain(fg, target, mask[rows, cols], np.random.default_rng(seed))
             out = body.copy()
-            out[rows, cols] = laplacian_blend(fg, body[rows, cols], mask[rows, cols], hp.pyramid_levels)
+            blended = laplacian_blend(fg, body[rows, cols], mask[rows, cols], hp.pyramid_levels)
+            if hp.cut_to_template:
+                # The pyramid's coarse bands spread past the mask; keep their change inside the template's face
+                # region so it does not reach the hair and background as a halo.
+                keep = cv2.GaussianBlur(template_region[rows, cols].astype(np.float32) / 255.0, (0, 0),
+                                        max(0.5, 0.005 * face_px))[..., None]
+                base = body[rows, cols].astype(np.float32)
+                blended = np.clip(base + (blended.astype(np.float32) - base) * keep + 0.5, 0, 255).astype(np.uint8)
+            out[rows, cols] = blended
         else:
             out = np.where(person_oval[..., None] > 0, layer, pixels)
         timings["harmonize"] = time.perf_counter() - t + harmonize_setup
@@ -369,6 +401,7 @@ class ClassicBackend:
         metadata = self._metadata(out, identity, crop, tface, stages, p, seed, fallbacks, template)
         timings["score"] = time.perf_counter() - t
         metadata["shading"] = shading_info
+        metadata["tone"] = tone_info
         metadata["seconds"] = {k: round(v, 4) for k, v in timings.items()}
         log.info("classic render %s: stages=%s identity=%s fallbacks=%s", short_hash(job_id),
                  ",".join(stages.enabled()), metadata["identity_score"], metadata["fallbacks"])

@@ -31,7 +31,7 @@ class HarmonizeParams:
     pyramid_levels: int = 5
     tone_transfer: bool = True
     grain: bool = True
-    cut_to_template: bool = False
+    cut_to_template: bool = True
 
 
 def refine_mask(person_oval: np.ndarray, template_oval: np.ndarray, face_px: float, params: HarmonizeParams) -> np.ndarray:
