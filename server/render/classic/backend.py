@@ -257,7 +257,9 @@ class ClassicBackend:
         """Run the enabled stages in order and fill the portrait's metadata.
 
         metadata: backend, stages, params (all, resolved), seed, identity_score (SFace cosine of the output's face to
-        the payload's mean embedding), ita {person, template, output}, fallbacks (named, empty if none), provenance
+        the payload's mean embedding), ita {person, template, output}, collateral {share, mean_delta_e, region_px}
+        (`portrait_metrics.collateral_change`: how much of the template's hair and background near the face
+        changed), tone (None, or {crops, from, to} when the pasted skin was moved to all crops' median tone), fallbacks (named, empty if none), provenance
         (the AI-generated label), plus embedder, template_sha256, source_sha256, person_ref, seconds per stage and
         shading {sigma: the shading scale used (None when shading did not run), preview_lighting: the search's
         preview figure (None without a search)}.
@@ -526,4 +528,5 @@ class ClassicBackend:
             "person_ref": identity.person_ref,
             "template_sha256": template.sha256,
             "source_sha256": crop.source_sha256,
+            "collateral": portrait_metrics.collateral_change(out, template.pixels, tface.box).as_dict(),
         }
