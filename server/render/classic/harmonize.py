@@ -1,7 +1,8 @@
 """Harmonization stage of the classic backend: fuse the shaded face with the template body without a visible seam.
 
-1. Mask refinement: the person's face region is pulled in a little and feathered (optionally also limited to the
-   template's face oval, `cut_to_template`).
+1. Mask refinement: the person's face region, limited to the template's face region below its hairline
+   (`cut_to_template`), is pulled in a little and feathered; the pyramid blend's change is kept inside the
+   template's region so no halo reaches its hair or background.
 2. Tone: the template's visible skin (neck, ears, forehead, hands; found by a colour model of its face skin inside the
    person segmentation) is brought to the *person's* skin tone, never the face to the template's. Lightness is
    scaled (keeping the template's shading), a* and b* are shifted.
@@ -22,9 +23,9 @@ import numpy as np
 @dataclass(frozen=True)
 class HarmonizeParams:
     """erode, feather: mask pull-in and Gaussian feather, as fractions of the face width. pyramid_levels: blend
-    levels (fewer at small images). tone_transfer, grain: switch those steps. cut_to_template: also limit the
-    face to the template's face oval (cut runs over skin on both sides, but the person loses their face outline
-    and identity drops; off by default)."""
+    levels (fewer at small images). tone_transfer, grain: switch those steps. cut_to_template: limit the face to
+    the template's face region up to its hairline (the template's hair, headwear and background are kept; the
+    person's face outline, where wider, is lost, which costs identity)."""
 
     erode: float = 0.02
     feather: float = 0.015
@@ -34,12 +35,22 @@ class HarmonizeParams:
     cut_to_template: bool = True
 
 
+def _largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected piece of a uint8 mask: two cut regions, or an erosion, can leave slivers beside the
+    face; only the face itself is pasted."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+    if count <= 2:
+        return mask
+    return np.where(labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])), 255, 0).astype(np.uint8)
+
+
 def refine_mask(person_oval: np.ndarray, template_oval: np.ndarray, face_px: float, params: HarmonizeParams) -> np.ndarray:
-    """(H, W) float32 blend mask in [0, 1]: person oval AND template oval, eroded and feathered (both uint8 in)."""
+    """(H, W) float32 blend mask in [0, 1]: person region AND template region (`cut_to_template`), its largest
+    piece, eroded and feathered (both uint8 in)."""
     both = cv2.bitwise_and(person_oval, template_oval) if params.cut_to_template else person_oval
     r = max(1, int(round(params.erode * face_px)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    core = cv2.erode(both, kernel).astype(np.float32) / 255.0
+    core = _largest_part(cv2.erode(_largest_part(both), kernel)).astype(np.float32) / 255.0
     sigma = max(0.5, params.feather * face_px)
     return np.clip(cv2.GaussianBlur(core, (0, 0), sigma), 0.0, 1.0)
 
