@@ -118,7 +118,7 @@ def hairline_face_region(pixels: np.ndarray, face: FaceRecord, forehead: float =
 
     Below the brows the whole region counts (eyes, glasses, beard belong to the face); above them only pixels whose
     colour matches the face's own skin (`harmonize.skin_weight`, a model of the mesh skin's chroma), small gaps
-    (wrinkles, highlights) closed, and only the part joined to the face. `limit` (uint8) bounds the region first
+    (wrinkles, highlights) closed and enclosed holes filled, and only the part joined to the face. `limit` (uint8) bounds the region first
     (e.g. where a warped crop had pixels). Without a mesh, the 5-point ellipse (no forehead to cut)."""
     shape = pixels.shape[:2]
     region = face_region_mask(face, shape, forehead, grow)
@@ -150,6 +150,11 @@ def hairline_face_region(pixels: np.ndarray, face: FaceRecord, forehead: float =
         cy, cx = np.clip(centre[1], 0, y1 - y0 - 1), np.clip(centre[0], 0, x1 - x0 - 1)
         label = labels[cy, cx] or np.bincount(labels[labels > 0]).argmax()
         keep = labels == label
+    # Holes inside the face (a shiny forehead, a mole, glasses' frames above the brows) belong to it; hair never
+    # forms a hole, it reaches the region's edge.
+    outside = np.pad(~keep, 1, constant_values=True).astype(np.uint8)
+    cv2.floodFill(outside, None, (0, 0), 2)
+    keep |= outside[1:-1, 1:-1] == 1
     out = np.zeros(shape, np.uint8)
     out[sub] = np.where(keep, 255, 0).astype(np.uint8)
     return out
