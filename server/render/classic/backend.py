@@ -37,8 +37,8 @@ from megaportrait.shared.logs import short_hash
 from megaportrait.shared.records import FaceCropSet, FaceRecord, IdentityPayload, Portrait, SourceImage, StageSwitches
 from megaportrait.shared.skin_tone import face_ita
 
-from .harmonize import (HarmonizeParams, PersonSegmenter, laplacian_blend, match_grain, noise_level, recolor_skin,
-                        refine_mask, skin_search_region, skin_tone, skin_weight, to_lab)
+from .harmonize import (ChromaModel, HarmonizeParams, PersonSegmenter, laplacian_blend, match_grain, noise_level,
+                        not_hair, recolor_skin, refine_mask, skin_search_region, skin_tone, skin_weight, to_lab)
 from .paste import face_region_mask, hairline_face_region, paste_face
 from .shading import (ShadingParams, mesh_normal_map, preview_gain, relight, search_shading_sigma, shade_face,
                       srgb_to_linear, with_sigma)
@@ -216,6 +216,25 @@ def _tone_to_all_crops(layer: np.ndarray, region: np.ndarray, identity: FaceCrop
                    "to": [round(float(v), 2) for v in target]}
 
 
+def _template_hair_model(pixels: np.ndarray, tface: FaceRecord, region: np.ndarray,
+                         person_prob: np.ndarray | None) -> ChromaModel | None:
+    """Chroma model of the template's hair: the band above its face region up to 1.3 x its face height, on the
+    person (segmentation) and unlike its face skin; None when too little of it shows (a bald or hatless head)."""
+    shape = pixels.shape[:2]
+    if tface.mesh is None:
+        return None
+    band = face_region_mask(tface, shape, 1.0, 0.3) & ~cv2.dilate(region, np.ones((5, 5), np.uint8))
+    if person_prob is not None:
+        band &= np.where(person_prob > 0.5, 255, 0).astype(np.uint8)
+    if not band.any():
+        return None
+    rows, cols = _roi(band, 0)
+    lab = to_lab(pixels[rows, cols])
+    skin = skin_weight(lab, skin_mask(tface, shape)[rows, cols], np.ones(lab.shape[:2], np.float32), 1.0)
+    hair = (band[rows, cols] > 0) & (skin < 0.5)
+    return ChromaModel.fit(lab, hair.astype(np.uint8), 50)
+
+
 def _noop_progress(stage: str, fraction: float) -> None:
     pass
 
@@ -320,6 +339,11 @@ class ClassicBackend:
             except Exception as exc:  # noqa: BLE001 - any failure of the optional model is a named fallback
                 log.warning("person segmentation failed (%s); using position alone", type(exc).__name__)
                 fallbacks.append("harmonize:no_person_mask")
+        hair_model = None
+        if stages.harmonize and hp.tone_transfer:
+            hair_model = _template_hair_model(pixels, tface, template_region, person_prob)
+            if hair_model is None:
+                fallbacks.append("harmonize:no_hair_model")
         harmonize_setup = time.perf_counter() - t
 
         # -- Shading: the template's light and photographic style on the person's face.
@@ -350,7 +374,7 @@ class ClassicBackend:
                 weights = (p_weight, t_weight, region, face_core, p_anchor, t_anchor)
                 tone = None
                 if stages.harmonize and hp.tone_transfer:
-                    tone = (template_oval, template_skin, person_prob, person_skin)
+                    tone = (template_oval, template_skin, person_prob, person_skin, hair_model)
                 fidelity = self._lighting_preview(layer[rows, cols], pixels[rows, cols], weights, mask[rows, cols],
                                                   (rows, cols), tface, face_px, sp, tone,
                                                   hp.pyramid_levels if stages.harmonize else 0)
@@ -377,7 +401,8 @@ class ClassicBackend:
                     person_tone = skin_tone(to_lab(layer[rows, cols]), person_skin[rows, cols])
                 else:
                     person_tone = skin_tone(to_lab(crop.pixels), skin_mask(crop.face, crop.pixels.shape[:2]))
-                body = self._tone_body(pixels, template_oval, template_skin, tface, face_px, person_prob, person_tone)
+                body = self._tone_body(pixels, template_oval, template_skin, tface, face_px, person_prob, person_tone,
+                                       hair_model)
                 if not stages.identity:
                     layer = body
             fg = layer[rows, cols]
@@ -420,7 +445,8 @@ class ClassicBackend:
 
         person, template: (h, w, 3) uint8 of the region of interest; weights: (person skin weight, template skin
         weight, region, face core, person anchor, template anchor), each (h, w) float32 there; mask: (h, w) float32
-        blend mask; tone: (template oval, template skin, person probability or None, person skin), full frame, to
+        blend mask; tone: (template oval, template skin, person probability or None, person skin, hair model or
+        None), full frame, to
         preview the template's skin moved to the person's tone, or None when harmonization will not do that;
         pyramid_levels: harmonization's Laplacian blend levels at full size, or 0 for its hard paste (harmonize
         off)."""
@@ -439,13 +465,14 @@ class ClassicBackend:
         box = ((x - cols.start) * sx, (y - rows.start) * sy, bw * sx, bh * sy)
         body = t_s
         if tone is not None:
-            t_oval, t_skin, prob, p_skin = tone
+            t_oval, t_skin, prob, p_skin, hair_model = tone
             near = cv2.INTER_NEAREST
             person_tone = skin_tone(to_lab(p_s), small(p_skin[rows, cols], near))
             moved = (tface.landmarks5 - [cols.start, rows.start]) * [sx, sy]
             face_s = replace(tface, landmarks5=moved.astype(np.float32))
             body = self._tone_body(t_s, small(t_oval[rows, cols], near), small(t_skin[rows, cols], near), face_s,
-                                   face_px * scale, None if prob is None else small(prob[rows, cols]), person_tone)
+                                   face_px * scale, None if prob is None else small(prob[rows, cols]), person_tone,
+                                   hair_model)
         p_lin = srgb_to_linear(p_s)
         # The same blend as harmonization's, its pyramid shortened by the octaves the preview was shrunk by.
         levels = max(1, pyramid_levels - int(round(np.log2(1.0 / scale)))) if pyramid_levels else 0
@@ -464,9 +491,11 @@ class ClassicBackend:
 
     @staticmethod
     def _tone_body(pixels: np.ndarray, template_oval: np.ndarray, template_skin: np.ndarray, tface: FaceRecord,
-                   face_px: float, person_prob: np.ndarray | None, person_tone: np.ndarray) -> np.ndarray:
-        """The template with its visible skin brought to the person's tone. The skin weight is smooth, so it is
-        found at half size on large templates; recolouring touches only the box where the weight is nonzero."""
+                   face_px: float, person_prob: np.ndarray | None, person_tone: np.ndarray,
+                   hair: ChromaModel | None = None) -> np.ndarray:
+        """The template with its visible skin brought to the person's tone, not its hair (`hair`: a chroma model of
+        the template's hair, see `harmonize.not_hair`). The skin weight is smooth, so it is found at half size on
+        large templates; recolouring touches only the box where the weight is nonzero."""
         h, w = pixels.shape[:2]
         scale = 0.5 if max(h, w) > 700 else 1.0
         size = (round(w * scale), round(h * scale))
@@ -479,6 +508,10 @@ class ClassicBackend:
         search = skin_search_region(small(template_oval, cv2.INTER_NEAREST), tface.landmarks5 * scale,
                                     face_px * scale, None if person_prob is None else small(person_prob))
         weight = skin_weight(lab, skin_small, search, max(1.5, 0.015 * face_px * scale))
+        if hair is not None:
+            skin_model = ChromaModel.fit(lab, skin_small, 10)
+            if skin_model is not None:
+                weight = weight * cv2.GaussianBlur(not_hair(lab, skin_model, hair), (0, 0), max(1.0, 0.01 * face_px * scale))
         if scale != 1.0:
             weight = cv2.resize(weight, (w, h), interpolation=cv2.INTER_LINEAR)
         ys, xs = np.nonzero(weight > 1e-3)

@@ -96,6 +96,40 @@ def skin_weight(lab: np.ndarray, skin: np.ndarray, search: np.ndarray, smooth: f
     return cv2.GaussianBlur(weight.astype(np.float32), (0, 0), smooth) * search
 
 
+@dataclass(frozen=True)
+class ChromaModel:
+    """A Gaussian model of (a*, b*): mean (2,), inverse covariance (2, 2) and log-determinant of the covariance."""
+
+    mean: np.ndarray
+    inv_cov: np.ndarray
+    logdet: float
+
+    @classmethod
+    def fit(cls, lab: np.ndarray, mask: np.ndarray, min_samples: int = 50) -> "ChromaModel | None":
+        """The model of the masked pixels' chroma, or None with fewer than `min_samples` of them."""
+        ab = lab[mask > 0][:, 1:].astype(np.float64)
+        if ab.shape[0] < min_samples:
+            return None
+        cov = np.cov(ab.T) + np.eye(2) * 0.5
+        return cls(ab.mean(0).astype(np.float32), np.linalg.inv(cov).astype(np.float32),
+                   float(np.linalg.slogdet(cov)[1]))
+
+    def log_likelihood(self, lab: np.ndarray) -> np.ndarray:
+        """(H, W) float32 Gaussian log-likelihood (up to a shared constant) of each pixel's chroma."""
+        d = lab[..., 1:] - self.mean
+        return -0.5 * (np.einsum("hwi,ij,hwj->hw", d, self.inv_cov, d) + self.logdet)
+
+
+def not_hair(lab: np.ndarray, skin: ChromaModel, hair: ChromaModel | None) -> np.ndarray | float:
+    """(H, W) float32 in [0, 1]: how much more each pixel's chroma looks like skin than like the template's own hair
+    (logistic of the log-likelihood ratio), or 1.0 without a hair model. Blonde, red or grey hair can lie inside the
+    skin's chroma spread; this keeps recolouring off it."""
+    if hair is None:
+        return 1.0
+    ratio = skin.log_likelihood(lab) - hair.log_likelihood(lab)
+    return (1.0 / (1.0 + np.exp(-np.clip(ratio, -30, 30)))).astype(np.float32)
+
+
 def skin_search_region(face_oval: np.ndarray, landmarks5: np.ndarray, face_px: float,
                        person: np.ndarray | None) -> np.ndarray:
     """(H, W) float32 in [0, 1]: where the template's visible skin may be: anywhere on the person (segmentation
