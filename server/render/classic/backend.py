@@ -7,6 +7,12 @@ What each ablation means:
 - harmonize off: the (shaded) face is cut in along the person's face oval with a hard edge, template untouched.
 `identity` only is the naive paste.
 
+Composite (issue 17). The person's face goes inside the template's face outline, below its hairline; the template's
+face skin the person's face does not cover is brought to the person's tone; the template's hair is kept out of that
+recolouring by a chroma model of the hair itself; the pyramid blend's change is kept inside the template's face
+region, so no halo reaches its hair or background. The metadata reports `collateral`, the share of the template's
+hair and background near the face that changed.
+
 Shading scale. How finely the template's light is transferred is a trade: a coarse shading field keeps the
 person's own facial structure (identity), a fine one follows the template's light more closely. Which scale is
 needed depends on the pair (a flat-lit template, or a person whose skin is much darker or lighter than the
@@ -78,10 +84,12 @@ class ClassicParams:
     """Every tunable of the classic backend, as a job's `params` dict may set them (unknown keys are refused).
 
     source_crop: index of the crop in the FaceCropSet whose face is pasted (the site orders crops by preference).
-    forehead, grow: how far the pasted region reaches beyond the person's mesh face oval (`paste.face_region_mask`):
-        the upper half stretched up by `forehead` x the oval height (hairline and upper forehead carry much of a
-        person's look), the whole oval grown by `grow` (the person's own face outline, jaw and ears carry identity;
-        what comes along from their photo around the face takes the template's brightness, see `periphery`).
+    forehead, grow: how far the pasted region may reach beyond the person's mesh face oval
+        (`paste.face_region_mask`): the upper half stretched up by `forehead` x the oval height, the whole oval
+        grown by `grow`. Above the brows only skin-coloured pixels count (`paste.hairline_face_region`), so the
+        forehead stops at each face's own hairline; with `cut_to_template` (default) the paste is also limited to
+        the template's face region found the same way, so the template's hair, headwear, ears and background stay
+        (issue 17: `portrait_metrics.collateral_change`). `grow` > 0 brings the person's photo background along.
     feature_weight: 0..1, weight of eyes/brows/lips when estimating shading (0: skin only; 1: the whole face oval,
         so the dark blobs of the person's own photo light around the eyes are divided out like any other shading).
     forehead_shading: 0..1, weight of the stretched forehead (above the mesh oval) when estimating shading, so the
@@ -511,7 +519,8 @@ class ClassicBackend:
         if hair is not None:
             skin_model = ChromaModel.fit(lab, skin_small, 10)
             if skin_model is not None:
-                weight = weight * cv2.GaussianBlur(not_hair(lab, skin_model, hair), (0, 0), max(1.0, 0.01 * face_px * scale))
+                veto = not_hair(lab, skin_model, hair)
+                weight = weight * cv2.GaussianBlur(veto, (0, 0), max(1.0, 0.01 * face_px * scale))
         if scale != 1.0:
             weight = cv2.resize(weight, (w, h), interpolation=cv2.INTER_LINEAR)
         ys, xs = np.nonzero(weight > 1e-3)

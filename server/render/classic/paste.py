@@ -2,7 +2,9 @@
 
 The person's crop is moved into the template frame by one global similarity (rotation, uniform scale, shift) fitted
 to stable inner-face landmarks, so the person keeps their own facial geometry: nothing is warped onto the template's
-face shape. The face region is the person's face oval (from their mesh), moved along.
+face shape. The face region is the person's face oval (from their mesh), moved along, its forehead cut at their own
+hairline (`hairline_face_region`), so their hair and their photo's background are never carried in; the backend
+cuts it again to the template's region found the same way, so the template's hair and headwear are kept.
 
 Images are (H, W, 3) uint8 RGB; points are (x, y) float32 pixels; masks are (H, W) uint8 {0, 255}.
 """
@@ -118,8 +120,8 @@ def hairline_face_region(pixels: np.ndarray, face: FaceRecord, forehead: float =
 
     Below the brows the whole region counts (eyes, glasses, beard belong to the face); above them only pixels whose
     colour matches the face's own skin (`harmonize.skin_weight`, a model of the mesh skin's chroma), small gaps
-    (wrinkles, highlights) closed and enclosed holes filled, and only the part joined to the face. `limit` (uint8) bounds the region first
-    (e.g. where a warped crop had pixels). Without a mesh, the 5-point ellipse (no forehead to cut)."""
+    (wrinkles, highlights) closed and enclosed holes filled, and only the part joined to the face. `limit` (uint8)
+    bounds the region first (e.g. where a warped crop had pixels). Without a mesh, the 5-point ellipse (no forehead to cut)."""
     shape = pixels.shape[:2]
     region = face_region_mask(face, shape, forehead, grow)
     if limit is not None:
