@@ -41,7 +41,7 @@ from megaportrait.shared.face_analysis import FaceAnalyzer, cheek_nose_mask, fac
 from megaportrait.shared.imaging import AI_GENERATED_LABEL
 from megaportrait.shared.logs import short_hash
 from megaportrait.shared.records import FaceCropSet, FaceRecord, IdentityPayload, Portrait, SourceImage, StageSwitches
-from megaportrait.shared.skin_tone import face_ita
+from megaportrait.shared.skin_tone import face_ita, ita_degrees
 
 from .harmonize import (ChromaModel, HarmonizeParams, PersonSegmenter, laplacian_blend, match_grain, noise_level,
                         not_hair, recolor_skin, refine_mask, skin_search_region, skin_tone, skin_weight, to_lab)
@@ -55,6 +55,10 @@ BACKEND_NAME = "classic"
 PREVIEW_FACE_PX = 96.0
 """Face width at which the shading-scale search previews its composites (the lighting figure looks at the face
 box through a 64x64 low-pass, so this loses nothing it measures)."""
+
+TONE_LOCK_GAP = 15.0
+"""ITA degrees between the pasted skin and the template's skin beyond which relighting keeps the person's skin
+level over the whole tone-reading site of the face box, not only the cheeks and nose (issue 10 (b))."""
 
 
 class TemplateHasNoFace(MegaPortraitError):
@@ -94,6 +98,10 @@ class ClassicParams:
         so the dark blobs of the person's own photo light around the eyes are divided out like any other shading).
     forehead_shading: 0..1, weight of the stretched forehead (above the mesh oval) when estimating shading, so the
         template's light on its upper forehead carries over.
+    lock_tone_site: where the pasted skin's ITA and the template's differ by more than TONE_LOCK_GAP over the face
+        box's tone-reading site (issue 10 (b)), relighting keeps the person's skin level over that whole site, not
+        only over the cheeks and nose (a template's even light otherwise lifted a dark face's brows and eye area
+        toward the template's tone: biden x 029748, box ITA 30.1 against his 10.0).
     tone_from_all_crops: bring the pasted face's skin (median L*, a*, b* of the cheek/nose skin) to the median over
         all the payload's crops before shading, so one photo's exposure or white balance does not decide the
         person's skin tone (skin tone is judged against the person's median over all their photos).
@@ -124,6 +132,7 @@ class ClassicParams:
     grain: bool = HarmonizeParams.grain
     cut_to_template: bool = HarmonizeParams.cut_to_template
     tone_from_all_crops: bool = True
+    lock_tone_site: bool = True
 
     @classmethod
     def from_dict(cls, params: dict | None) -> "ClassicParams":
@@ -243,6 +252,16 @@ def _template_hair_model(pixels: np.ndarray, tface: FaceRecord, region: np.ndarr
     return ChromaModel.fit(lab, hair.astype(np.uint8), 50)
 
 
+def _tone_site(box: tuple[float, float, float, float], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 {0, 255}: where skin tone is read in a face box (issue 10 (b), `skin_tone.box_ita`): 25-75 % of
+    its width, 25-60 % of its height."""
+    x, y, w, h = (float(v) for v in box)
+    mask = np.zeros(shape, np.uint8)
+    mask[max(int(round(y + 0.25 * h)), 0):max(int(round(y + 0.60 * h)), 0),
+         max(int(round(x + 0.25 * w)), 0):max(int(round(x + 0.75 * w)), 0)] = 255
+    return mask
+
+
 def _noop_progress(stage: str, fraction: float) -> None:
     pass
 
@@ -289,7 +308,8 @@ class ClassicBackend:
         changed), tone (None, or {crops, from, to} when the pasted skin was moved to all crops' median tone), fallbacks (named, empty if none), provenance
         (the AI-generated label), plus embedder, template_sha256, source_sha256, person_ref, seconds per stage and
         shading {sigma: the shading scale used (None when shading did not run), preview_lighting: the search's
-        preview figure (None without a search)}.
+        preview figure (None without a search), tone_site_locked: whether relighting kept the person's skin level
+        over the whole tone-reading site (`ClassicParams.lock_tone_site`)}.
         """
         if not isinstance(identity, FaceCropSet):
             raise UnsupportedIdentityPayload(f"classic backend needs a FaceCropSet, got {type(identity).__name__}")
@@ -357,7 +377,7 @@ class ClassicBackend:
         # -- Shading: the template's light and photographic style on the person's face.
         progress("shading", 0.0)
         t = time.perf_counter()
-        shading_info = {"sigma": None, "preview_lighting": None}
+        shading_info = {"sigma": None, "preview_lighting": None, "tone_site_locked": False}
         if stages.shading and stages.identity:
             layer = layer.copy()
             fw = p.feature_weight
@@ -375,6 +395,11 @@ class ClassicBackend:
             t_weight = t_skin + fw * np.clip(t_oval - t_skin, 0, 1)
             face_core = cv2.GaussianBlur(p_oval, (0, 0), max(1.0, 0.03 * face_px))
             p_anchor = cheek_nose_mask(person_face, shape)[rows, cols].astype(np.float32) / 255.0
+            site = _tone_site(tface.box, shape) & person_oval
+            if p.lock_tone_site and site.any() and (abs(ita_degrees(layer, site) - ita_degrees(pixels, site))
+                                                    > TONE_LOCK_GAP):
+                p_anchor = np.maximum(p_anchor, site[rows, cols].astype(np.float32) / 255.0)
+                shading_info["tone_site_locked"] = True
             t_anchor = cheek_nose_mask(tface, shape)[rows, cols].astype(np.float32) / 255.0
             sp = p.shading()
             if sp.lighting_target > 0 and not sp.sh_light:
@@ -388,9 +413,9 @@ class ClassicBackend:
                                                   hp.pyramid_levels if stages.harmonize else 0)
                 sigma, estimate = search_shading_sigma(fidelity, sp)
                 sp = with_sigma(sp, sigma)
-                shading_info = {"sigma": round(sigma, 4), "preview_lighting": round(estimate, 4)}
+                shading_info.update(sigma=round(sigma, 4), preview_lighting=round(estimate, 4))
             else:
-                shading_info = {"sigma": sp.shading_sigma, "preview_lighting": None}
+                shading_info.update(sigma=sp.shading_sigma, preview_lighting=None)
             layer[rows, cols] = shade_face(layer[rows, cols], pixels[rows, cols], p_weight, t_weight,
                                            region, face_px, sp, face_core,
                                            *(self._normals(person_face, tface, rows, cols, face_px, fallbacks)

@@ -168,8 +168,6 @@ def test_identity_belongs_to_the_person(results):
     assert np.mean(leaks) < 0.35
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 open: biden/029748 box ITA 30.1 is nearer the template's 40.1 "
-                   "than his median 10.0")
 def test_skin_tone_belongs_to_the_person(results):
     judged = [r for r in results if r.box_tone["kept"] is not None]
     assert len(judged) >= 5, "too few pairs where person and template tone differ to judge"
@@ -183,8 +181,9 @@ def test_template_hair_and_background_are_kept(results):
     assert all(v <= 3.0 for v in shares.values()), shares
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 open: on the light, flat template 022107 a darker face inside "
-                   "blonde hair reaches lighting 0.76-0.81 at the finest shading scale kept (0.06)")
+@pytest.mark.xfail(strict=True, reason="issue 17 open: on the light, flat template 022107 a much darker face inside "
+                   "blonde hair reaches lighting 0.67 (biden) and 0.79 (obama) at the finest shading scale kept "
+                   "(0.06) with his skin level kept over the tone site; the other 18 pairs reach 0.9")
 def test_lighting_belongs_to_the_template(results):
     lighting = {(r.template, r.person): round(r.figures.lighting, 3) for r in results}
     assert np.mean(list(lighting.values())) >= 0.9

@@ -131,13 +131,30 @@ def test_lighting_target_zero_keeps_the_fixed_scale(analyzer, obama, template):
     backend = ClassicBackend(analyzer)
     fixed = backend.render("a", template, obama, stages=StageSwitches(), seed=0,
                            params={"lighting_target": 0.0, "shading_sigma": 0.15}, progress=lambda s, f: None)
-    assert fixed.metadata["shading"] == {"sigma": 0.15, "preview_lighting": None}
+    assert {k: fixed.metadata["shading"][k] for k in ("sigma", "preview_lighting")} == {"sigma": 0.15,
+                                                                                       "preview_lighting": None}
     searched = backend.render("b", template, obama, stages=StageSwitches(), seed=0, params={},
                               progress=lambda s, f: None)
     assert searched.metadata["shading"]["preview_lighting"] >= ShadingParams.lighting_target
     off = backend.render("c", template, obama, stages=StageSwitches(shading=False), seed=0, params={},
                          progress=lambda s, f: None)
-    assert off.metadata["shading"] == {"sigma": None, "preview_lighting": None}
+    assert off.metadata["shading"] == {"sigma": None, "preview_lighting": None, "tone_site_locked": False}
+
+
+def test_tone_site_lock_keeps_the_face_box_away_from_the_template_tone(analyzer, obama, template, template_face):
+    """Where person and template tones differ, relighting keeps the person's skin level over the whole face box's
+    tone site (issue 10 (b)); without the lock the template's light pulls that site toward the template's tone."""
+    from megaportrait.shared.skin_tone import box_ita
+
+    backend = ClassicBackend(analyzer)
+    renders = {lock: backend.render(str(lock), template, obama, stages=StageSwitches(), seed=0,
+                                    params={"lock_tone_site": lock}, progress=lambda s, f: None)
+               for lock in (False, True)}
+    assert renders[True].metadata["shading"]["tone_site_locked"] is True
+    assert renders[False].metadata["shading"]["tone_site_locked"] is False
+    ita_t = box_ita(template.pixels, template_face.box)
+    gap = {lock: abs(box_ita(r.pixels, template_face.box) - ita_t) for lock, r in renders.items()}
+    assert gap[True] > gap[False] + 1.0, gap
 
 
 def test_recolor_skin_reaches_the_target_tone(template, template_face):
