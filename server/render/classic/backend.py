@@ -60,6 +60,10 @@ TONE_LOCK_GAP = 15.0
 """ITA degrees between the pasted skin and the template's skin beyond which relighting keeps the person's skin
 level over the whole tone-reading site of the face box, not only the cheeks and nose (issue 10 (b))."""
 
+TONE_LOCK_SHARE = 1.0 / 3.0
+"""Relighting that moves the pasted face's tone site more than this share of the way toward the template's tone (in
+ITA) is redone with the person's skin level kept over that whole site (`ClassicParams.lock_tone_site`)."""
+
 
 class TemplateHasNoFace(MegaPortraitError):
     """The template portrait shows no detectable face, so there is nowhere to put the person's face."""
@@ -99,9 +103,11 @@ class ClassicParams:
     forehead_shading: 0..1, weight of the stretched forehead (above the mesh oval) when estimating shading, so the
         template's light on its upper forehead carries over.
     lock_tone_site: where the pasted skin's ITA and the template's differ by more than TONE_LOCK_GAP over the face
-        box's tone-reading site (issue 10 (b)), relighting keeps the person's skin level over that whole site, not
-        only over the cheeks and nose (a template's even light otherwise lifted a dark face's brows and eye area
-        toward the template's tone: biden x 029748, box ITA 30.1 against his 10.0).
+        box's tone-reading site (issue 10 (b)) and relighting (locked on the cheeks and nose) moves that site more
+        than TONE_LOCK_SHARE of the way toward the template's ITA, relighting is redone keeping the person's skin
+        level over the whole site (a template's even light otherwise lifted a dark face's brows and eye area toward
+        the template's tone: biden x 029748, box ITA 30.1 against his 10.0). Only then: locking costs lighting
+        correlation (022107: 0.76 -> 0.67 where the tone was kept anyway).
     tone_from_all_crops: bring the pasted face's skin (median L*, a*, b* of the cheek/nose skin) to the median over
         all the payload's crops before shading, so one photo's exposure or white balance does not decide the
         person's skin tone (skin tone is judged against the person's median over all their photos).
@@ -309,7 +315,8 @@ class ClassicBackend:
         (the AI-generated label), plus embedder, template_sha256, source_sha256, person_ref, seconds per stage and
         shading {sigma: the shading scale used (None when shading did not run), preview_lighting: the search's
         preview figure (None without a search), tone_site_locked: whether relighting kept the person's skin level
-        over the whole tone-reading site (`ClassicParams.lock_tone_site`)}.
+        over the whole tone-reading site (`ClassicParams.lock_tone_site`), tone_site_drift: when the tones differ,
+        how far (ITA degrees, toward the template's) the cheek-locked relighting moved that site}.
         """
         if not isinstance(identity, FaceCropSet):
             raise UnsupportedIdentityPayload(f"classic backend needs a FaceCropSet, got {type(identity).__name__}")
@@ -396,10 +403,11 @@ class ClassicBackend:
             face_core = cv2.GaussianBlur(p_oval, (0, 0), max(1.0, 0.03 * face_px))
             p_anchor = cheek_nose_mask(person_face, shape)[rows, cols].astype(np.float32) / 255.0
             site = _tone_site(tface.box, shape) & person_oval
-            if p.lock_tone_site and site.any() and (abs(ita_degrees(layer, site) - ita_degrees(pixels, site))
-                                                    > TONE_LOCK_GAP):
-                p_anchor = np.maximum(p_anchor, site[rows, cols].astype(np.float32) / 255.0)
-                shading_info["tone_site_locked"] = True
+            lock_site = None
+            if p.lock_tone_site and site.any():
+                ita_person, ita_template = ita_degrees(layer, site), ita_degrees(pixels, site)
+                if abs(ita_person - ita_template) > TONE_LOCK_GAP:
+                    lock_site = (ita_template - ita_person, ita_person)
             t_anchor = cheek_nose_mask(tface, shape)[rows, cols].astype(np.float32) / 255.0
             sp = p.shading()
             if sp.lighting_target > 0 and not sp.sh_light:
@@ -416,11 +424,20 @@ class ClassicBackend:
                 shading_info.update(sigma=round(sigma, 4), preview_lighting=round(estimate, 4))
             else:
                 shading_info.update(sigma=sp.shading_sigma, preview_lighting=None)
-            layer[rows, cols] = shade_face(layer[rows, cols], pixels[rows, cols], p_weight, t_weight,
-                                           region, face_px, sp, face_core,
-                                           *(self._normals(person_face, tface, rows, cols, face_px, fallbacks)
-                                             if p.sh_light else (None, None)),
-                                           p_anchor, t_anchor)
+            normals = (self._normals(person_face, tface, rows, cols, face_px, fallbacks) if p.sh_light
+                       else (None, None))
+            shaded = shade_face(layer[rows, cols], pixels[rows, cols], p_weight, t_weight, region, face_px, sp,
+                                face_core, *normals, p_anchor, t_anchor)
+            if lock_site is not None:
+                gap, before = lock_site
+                drift = float(np.sign(gap)) * (ita_degrees(shaded, site[rows, cols]) - before)
+                shading_info["tone_site_drift"] = round(drift, 2)
+                if drift > TONE_LOCK_SHARE * abs(gap):
+                    locked = np.maximum(p_anchor, site[rows, cols].astype(np.float32) / 255.0)
+                    shaded = shade_face(layer[rows, cols], pixels[rows, cols], p_weight, t_weight, region, face_px,
+                                        sp, face_core, *normals, locked, t_anchor)
+                    shading_info["tone_site_locked"] = True
+            layer[rows, cols] = shaded
         timings["shading"] = time.perf_counter() - t
         progress("shading", 1.0)
 
