@@ -21,6 +21,9 @@ whose quick low-resolution preview of the final composite (same masks, tone-move
 the target lighting correlation with the template, measured as issue 10's criterion (c)
 (`portrait_metrics.lighting_correlation` over the template's face box). The scale used and the preview's figure are
 reported in the metadata under "shading". With `lighting_target=0` the scale is `shading_sigma`, fixed.
+Relighting keeps the person's skin level on their cheeks and nose; where person and template tones differ and that
+still drags the face box's tone site toward the template's tone, it is redone keeping the whole site's level
+(`ClassicParams.lock_tone_site`, reported as shading.tone_site_locked).
 
 `ClassicBackend.render` follows `server.render.backends.RenderBackend`; `render_detailed` also returns the blend mask
 and intermediate layers for tests and the evaluation harness.
