@@ -29,6 +29,17 @@ def face_ita(pixels: np.ndarray, face: FaceRecord) -> float:
     return ita_degrees(pixels, cheek_nose_mask(face, pixels.shape[:2]))
 
 
+def box_ita(pixels: np.ndarray, box: tuple[float, float, float, float]) -> float:
+    """ITA of the central face box (issue 10 (b)): median L* and b* over 25-75 % of the face box's (YuNet's, x, y,
+    w, h) width and 25-60 % of its height; needs no mesh."""
+    x, y, w, h = (float(v) for v in box)
+    mask = np.zeros(pixels.shape[:2], np.uint8)
+    x0, x1 = max(int(round(x + 0.25 * w)), 0), min(int(round(x + 0.75 * w)), pixels.shape[1])
+    y0, y1 = max(int(round(y + 0.25 * h)), 0), min(int(round(y + 0.60 * h)), pixels.shape[0])
+    mask[y0:y1, x0:x1] = 1
+    return ita_degrees(pixels, mask)
+
+
 def ita_band(ita: float) -> str:
     """The skin-tone band name of an ITA angle."""
     for lower, name in ITA_BANDS:

@@ -54,6 +54,7 @@ def test_report_holds_images_and_numbers(quick_demo):
                for r in s["renders"] if r["person"] == "astronaut")
     for r in obama_full:
         assert f"{r['identity']:.3f}" in html and f"{r['ita_output']:.1f}" in html
+    assert "collateral %" in html
     # epsilon per site: from each site's own privacy ledger, shown in the report
     from megaportrait.client.federation import LEDGER_FILE, SitePrivacyLedger
 

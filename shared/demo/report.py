@@ -44,6 +44,12 @@ def contact_sheet(crops: list[np.ndarray], side: int = 128) -> np.ndarray:
     return np.concatenate(tiles[:-1], axis=1)
 
 
+def _collateral_pct(rec: RenderRecord) -> str:
+    """The render's collateral change (share of template hair/background changed) in percent, or "n/a"."""
+    share = (rec.metadata.get("collateral") or {}).get("share")
+    return "n/a" if share is None else f"{100 * share:.2f}"
+
+
 def _identity_caption(rec: RenderRecord) -> str:
     if rec.state != "succeeded":
         return f"failed: {rec.error}"
@@ -163,15 +169,18 @@ def write(path: Path, summary: dict, roster, sites, records: list[RenderRecord],
         f"portrait's face to the mean of the person's other photos (verified at {SFACE_THRESHOLD}); 'vs pasted' is "
         "the cosine to the pasted photo itself. ITA (degrees, higher is lighter): the person's pasted photo, the "
         "template and the portrait; 'tone kept' says whether the portrait is closer to the person's tone than to "
-        "the template's (judged only when they differ by more than 15 degrees). Variants switch stages off: "
+        "the template's (judged only when they differ by more than 15 degrees). 'collateral %': share of the "
+        "template's hair and background near the face that the portrait visibly changed (CIE76 > 12; "
+        "shared.portrait_metrics.collateral_change, from the render's metadata). Variants switch stages off: "
         "identity only is the naive paste.")
     rsec.tables.append((("person", "template", "variant", "identity", "verified", "vs pasted", "ITA person",
-                         "ITA template", "ITA portrait", "tone kept", "fallbacks", "render s (node)"),
+                         "ITA template", "ITA portrait", "tone kept", "collateral %", "fallbacks", "render s (node)"),
                         [(r.person, r.template, r.variant, _fmt(r.identity),
                           _fmt(None if r.identity is None else r.identity >= SFACE_THRESHOLD), _fmt(r.identity_payload),
                           _fmt(r.ita_person, 1), _fmt(r.ita_template, 1), _fmt(r.ita_output, 1), _fmt(r.tone_kept),
-                          ", ".join(r.fallbacks) or "-", _fmt(r.seconds, 2)) if r.state == "succeeded" else
-                         (r.person, r.template, r.variant, "failed", r.error, *[""] * 6, _fmt(r.seconds, 2))
+                          _collateral_pct(r), ", ".join(r.fallbacks) or "-", _fmt(r.seconds, 2))
+                         if r.state == "succeeded" else
+                         (r.person, r.template, r.variant, "failed", r.error, *[""] * 7, _fmt(r.seconds, 2))
                          for r in records]))
     by_pair: dict[tuple[str, str], dict[str, RenderRecord]] = {}
     for r in records:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from megaportrait.shared.face_analysis import SFACE_THRESHOLD, FaceAnalyzer, cosine, mean_embedding
-from megaportrait.shared.portrait_metrics import lighting_correlation, output_face, tone_kept
+from megaportrait.shared.portrait_metrics import collateral_change, lighting_correlation, output_face, tone_kept
 from megaportrait.shared.records import FaceCropSet, Portrait, StageSwitches
 from megaportrait.shared.skin_tone import face_ita
 
@@ -42,7 +42,8 @@ class RenderScore:
 
     identity: cosine of the output face to the mean of the held-out photos (None when no face was found);
     genuine / impostor: cosines to each held-out photo / each other person's photo (empty when no face);
-    template_leak: cosine to the template's own face.
+    template_leak: cosine to the template's own face; collateral, collateral_delta_e: share of the template's hair and
+    background near the face visibly changed and the mean CIE76 difference there (`collateral_change`).
     """
 
     person: str
@@ -62,6 +63,8 @@ class RenderScore:
     tone_kept: bool | None
     lighting: float | None
     fallbacks: tuple[str, ...]
+    collateral: float | None = None
+    collateral_delta_e: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +107,7 @@ def summarise(scores: list[RenderScore], threshold: float = SFACE_THRESHOLD) -> 
     kept = [s.tone_kept for s in scores if s.tone_kept is not None]
     ita_err = [abs(s.ita_output - s.ita_person) for s in scores if s.ita_output is not None and s.ita_person is not None]
     light = [s.lighting for s in scores if s.lighting is not None]
+    coll = [s.collateral for s in scores if s.collateral is not None]
     out.update({
         "n_renders": len(scores),
         "n_no_face": len(missing),
@@ -115,6 +119,8 @@ def summarise(scores: list[RenderScore], threshold: float = SFACE_THRESHOLD) -> 
         "n_tone_judged": len(kept),
         "mean_ita_error_deg": float(np.mean(ita_err)) if ita_err else None,
         "mean_lighting": float(np.mean(light)) if light else None,
+        "mean_collateral": float(np.mean(coll)) if coll else None,
+        "max_collateral": float(np.max(coll)) if coll else None,
     })
     return out
 
@@ -179,6 +185,10 @@ def score_render(analyzer: FaceAnalyzer, portrait: Portrait, data: EvalData, per
         light = lighting_correlation(portrait.pixels, template.image.pixels, template.face.box)
     except ValueError:
         light = None
+    try:
+        coll = collateral_change(portrait.pixels, template.image.pixels, template.face.box)
+    except ValueError:
+        coll = None
     emb = out_face.embedding if out_face is not None else None
     return RenderScore(
         person=person.name, photo=person.photo_names[index], template=template.name, stage=stage,
@@ -191,4 +201,5 @@ def score_render(analyzer: FaceAnalyzer, portrait: Portrait, data: EvalData, per
         ita_person=ita_person, ita_template=template.ita, ita_output=ita_output,
         tone_kept=tone_kept(ita_output, ita_person, template.ita) if ita_person is not None else None,
         lighting=light, fallbacks=tuple(portrait.metadata.get("fallbacks", ()) or ()),
+        collateral=None if coll is None else coll.share, collateral_delta_e=None if coll is None else coll.mean_delta_e,
     )

@@ -36,14 +36,16 @@ def sections(result: dict, examples: dict[str, np.ndarray], paths: dict[str, Pat
     out.append(data)
 
     rows = [[s, v["n_renders"], v["tar"], v["far"], v["accuracy"], v["mean_genuine"], v["mean_impostor"],
-             v["mean_template_leak"], v["template_leak_verified_rate"], v["mean_lighting"]]
+             v["mean_template_leak"], v["template_leak_verified_rate"], v["mean_lighting"],
+             None if v.get("mean_collateral") is None else 100 * v["mean_collateral"]]
             for s, v in ident["by_stage"].items()]
     sec = Section("Identity preservation by stage", paragraphs=[ident["protocol"] + ".",
                   "TAR: share of genuine pairs at or above the threshold; FAR: share of impostor pairs at or above it; "
                   "template leak: cosine of the render to the template sitter's own face (the 'none' row is the "
-                  "template itself, a control)."],
+                  "template itself, a control); collateral %: mean share of the template's hair and background near "
+                  "the face that the render visibly changed (CIE76 > 12)."],
                   tables=[(["stages", "renders", "TAR", "FAR", "accuracy", "mean genuine", "mean impostor",
-                            "template leak", "leak >= thr", "lighting r"], rows)])
+                            "template leak", "leak >= thr", "lighting r", "collateral %"], rows)])
     if "identity_plot" in paths:
         sec.image_rows.append([Figure(_png(paths["identity_plot"]), "cosines by stage", max_side=820)])
     if examples:

@@ -7,6 +7,12 @@ What each ablation means:
 - harmonize off: the (shaded) face is cut in along the person's face oval with a hard edge, template untouched.
 `identity` only is the naive paste.
 
+Composite (issue 17). The person's face goes inside the template's face outline, below its hairline; the template's
+face skin the person's face does not cover is brought to the person's tone; the template's hair is kept out of that
+recolouring by a chroma model of the hair itself; the pyramid blend's change is kept inside the template's face
+region, so no halo reaches its hair or background. The metadata reports `collateral`, the share of the template's
+hair and background near the face that changed.
+
 Shading scale. How finely the template's light is transferred is a trade: a coarse shading field keeps the
 person's own facial structure (identity), a fine one follows the template's light more closely. Which scale is
 needed depends on the pair (a flat-lit template, or a person whose skin is much darker or lighter than the
@@ -15,6 +21,9 @@ whose quick low-resolution preview of the final composite (same masks, tone-move
 the target lighting correlation with the template, measured as issue 10's criterion (c)
 (`portrait_metrics.lighting_correlation` over the template's face box). The scale used and the preview's figure are
 reported in the metadata under "shading". With `lighting_target=0` the scale is `shading_sigma`, fixed.
+Relighting keeps the person's skin level on their cheeks and nose; where person and template tones differ and that
+still drags the face box's tone site toward the template's tone, it is redone keeping the whole site's level
+(`ClassicParams.lock_tone_site`, reported as shading.tone_site_locked).
 
 `ClassicBackend.render` follows `server.render.backends.RenderBackend`; `render_detailed` also returns the blend mask
 and intermediate layers for tests and the evaluation harness.
@@ -35,11 +44,11 @@ from megaportrait.shared.face_analysis import FaceAnalyzer, cheek_nose_mask, fac
 from megaportrait.shared.imaging import AI_GENERATED_LABEL
 from megaportrait.shared.logs import short_hash
 from megaportrait.shared.records import FaceCropSet, FaceRecord, IdentityPayload, Portrait, SourceImage, StageSwitches
-from megaportrait.shared.skin_tone import face_ita
+from megaportrait.shared.skin_tone import face_ita, ita_degrees
 
-from .harmonize import (HarmonizeParams, PersonSegmenter, laplacian_blend, match_grain, noise_level, recolor_skin,
-                        refine_mask, skin_search_region, skin_tone, skin_weight, to_lab)
-from .paste import face_region_mask, paste_face
+from .harmonize import (ChromaModel, HarmonizeParams, PersonSegmenter, laplacian_blend, match_grain, noise_level,
+                        not_hair, recolor_skin, refine_mask, skin_search_region, skin_tone, skin_weight, to_lab)
+from .paste import face_region_mask, hairline_face_region, paste_face
 from .shading import (ShadingParams, mesh_normal_map, preview_gain, relight, search_shading_sigma, shade_face,
                       srgb_to_linear, with_sigma)
 
@@ -49,6 +58,14 @@ BACKEND_NAME = "classic"
 PREVIEW_FACE_PX = 96.0
 """Face width at which the shading-scale search previews its composites (the lighting figure looks at the face
 box through a 64x64 low-pass, so this loses nothing it measures)."""
+
+TONE_LOCK_GAP = 15.0
+"""ITA degrees between the pasted skin and the template's skin beyond which relighting keeps the person's skin
+level over the whole tone-reading site of the face box, not only the cheeks and nose (issue 10 (b))."""
+
+TONE_LOCK_SHARE = 1.0 / 3.0
+"""Relighting that moves the pasted face's tone site more than this share of the way toward the template's tone (in
+ITA) is redone with the person's skin level kept over that whole site (`ClassicParams.lock_tone_site`)."""
 
 
 class TemplateHasNoFace(MegaPortraitError):
@@ -78,21 +95,32 @@ class ClassicParams:
     """Every tunable of the classic backend, as a job's `params` dict may set them (unknown keys are refused).
 
     source_crop: index of the crop in the FaceCropSet whose face is pasted (the site orders crops by preference).
-    forehead, grow: how far the pasted region reaches beyond the person's mesh face oval (`paste.face_region_mask`):
-        the upper half stretched up by `forehead` x the oval height (hairline and upper forehead carry much of a
-        person's look), the whole oval grown by `grow` (the person's own face outline, jaw and ears carry identity;
-        what comes along from their photo around the face takes the template's brightness, see `periphery`).
+    forehead, grow: how far the pasted region may reach beyond the person's mesh face oval
+        (`paste.face_region_mask`): the upper half stretched up by `forehead` x the oval height, the whole oval
+        grown by `grow`. Above the brows only skin-coloured pixels count (`paste.hairline_face_region`), so the
+        forehead stops at each face's own hairline; with `cut_to_template` (default) the paste is also limited to
+        the template's face region found the same way, so the template's hair, headwear, ears and background stay
+        (issue 17: `portrait_metrics.collateral_change`). `grow` > 0 brings the person's photo background along.
     feature_weight: 0..1, weight of eyes/brows/lips when estimating shading (0: skin only; 1: the whole face oval,
         so the dark blobs of the person's own photo light around the eyes are divided out like any other shading).
     forehead_shading: 0..1, weight of the stretched forehead (above the mesh oval) when estimating shading, so the
         template's light on its upper forehead carries over.
+    lock_tone_site: where the pasted skin's ITA and the template's differ by more than TONE_LOCK_GAP over the face
+        box's tone-reading site (issue 10 (b)) and relighting (locked on the cheeks and nose) moves that site more
+        than TONE_LOCK_SHARE of the way toward the template's ITA, relighting is redone keeping the person's skin
+        level over the whole site (a template's even light otherwise lifted a dark face's brows and eye area toward
+        the template's tone: biden x 029748, box ITA 30.1 against his 10.0). Only then: locking costs lighting
+        correlation (022107: 0.76 -> 0.67 where the tone was kept anyway).
+    tone_from_all_crops: bring the pasted face's skin (median L*, a*, b* of the cheek/nose skin) to the median over
+        all the payload's crops before shading, so one photo's exposure or white balance does not decide the
+        person's skin tone (skin tone is judged against the person's median over all their photos).
     The rest are the stage parameters, documented in `ShadingParams` and `HarmonizeParams`.
     Defaults were chosen on the 20 acceptance pairs (tests/server/render/classic/test_classic_acceptance.py).
     """
 
     source_crop: int = 0
     forehead: float = 0.5
-    grow: float = 0.2
+    grow: float = 0.0
     shading_sigma: float = ShadingParams.shading_sigma
     periphery: float = ShadingParams.periphery
     detail: float = ShadingParams.detail
@@ -112,6 +140,8 @@ class ClassicParams:
     tone_transfer: bool = HarmonizeParams.tone_transfer
     grain: bool = HarmonizeParams.grain
     cut_to_template: bool = HarmonizeParams.cut_to_template
+    tone_from_all_crops: bool = True
+    lock_tone_site: bool = True
 
     @classmethod
     def from_dict(cls, params: dict | None) -> "ClassicParams":
@@ -198,6 +228,49 @@ def _roi(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
     return slice(y0, y1), slice(x0, x1)
 
 
+def _tone_to_all_crops(layer: np.ndarray, region: np.ndarray, identity: FaceCropSet,
+                       index: int) -> tuple[np.ndarray, dict]:
+    """The pasted layer with its skin moved from crop `index`'s tone to the median tone of all crops (around the
+    face `region`, uint8), and what was done: {crops, from, to} (median L*, a*, b*)."""
+    tones = [skin_tone(to_lab(c.pixels), cheek_nose_mask(c.face, c.pixels.shape[:2])) for c in identity.crops]
+    own, target = tones[index], np.median(np.stack(tones), axis=0)
+    rows, cols = _roi(region, 4)
+    layer = layer.copy()
+    weight = np.ones((rows.stop - rows.start, cols.stop - cols.start), np.float32)
+    layer[rows, cols] = recolor_skin(layer[rows, cols], weight, own, target)
+    return layer, {"crops": len(tones), "from": [round(float(v), 2) for v in own],
+                   "to": [round(float(v), 2) for v in target]}
+
+
+def _template_hair_model(pixels: np.ndarray, tface: FaceRecord, region: np.ndarray,
+                         person_prob: np.ndarray | None) -> ChromaModel | None:
+    """Chroma model of the template's hair: the band above its face region up to 1.3 x its face height, on the
+    person (segmentation) and unlike its face skin; None when too little of it shows (a bald or hatless head)."""
+    shape = pixels.shape[:2]
+    if tface.mesh is None:
+        return None
+    band = face_region_mask(tface, shape, 1.0, 0.3) & ~cv2.dilate(region, np.ones((5, 5), np.uint8))
+    if person_prob is not None:
+        band &= np.where(person_prob > 0.5, 255, 0).astype(np.uint8)
+    if not band.any():
+        return None
+    rows, cols = _roi(band, 0)
+    lab = to_lab(pixels[rows, cols])
+    skin = skin_weight(lab, skin_mask(tface, shape)[rows, cols], np.ones(lab.shape[:2], np.float32), 1.0)
+    hair = (band[rows, cols] > 0) & (skin < 0.5)
+    return ChromaModel.fit(lab, hair.astype(np.uint8), 50)
+
+
+def _tone_site(box: tuple[float, float, float, float], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 {0, 255}: where skin tone is read in a face box (issue 10 (b), `skin_tone.box_ita`): 25-75 % of
+    its width, 25-60 % of its height."""
+    x, y, w, h = (float(v) for v in box)
+    mask = np.zeros(shape, np.uint8)
+    mask[max(int(round(y + 0.25 * h)), 0):max(int(round(y + 0.60 * h)), 0),
+         max(int(round(x + 0.25 * w)), 0):max(int(round(x + 0.75 * w)), 0)] = 255
+    return mask
+
+
 def _noop_progress(stage: str, fraction: float) -> None:
     pass
 
@@ -239,10 +312,14 @@ class ClassicBackend:
         """Run the enabled stages in order and fill the portrait's metadata.
 
         metadata: backend, stages, params (all, resolved), seed, identity_score (SFace cosine of the output's face to
-        the payload's mean embedding), ita {person, template, output}, fallbacks (named, empty if none), provenance
+        the payload's mean embedding), ita {person, template, output}, collateral {share, mean_delta_e, region_px}
+        (`portrait_metrics.collateral_change`: how much of the template's hair and background near the face
+        changed), tone (None, or {crops, from, to} when the pasted skin was moved to all crops' median tone), fallbacks (named, empty if none), provenance
         (the AI-generated label), plus embedder, template_sha256, source_sha256, person_ref, seconds per stage and
         shading {sigma: the shading scale used (None when shading did not run), preview_lighting: the search's
-        preview figure (None without a search)}.
+        preview figure (None without a search), tone_site_locked: whether relighting kept the person's skin level
+        over the whole tone-reading site (`ClassicParams.lock_tone_site`), tone_site_drift: when the tones differ,
+        how far (ITA degrees, toward the template's) the cheek-locked relighting moved that site}.
         """
         if not isinstance(identity, FaceCropSet):
             raise UnsupportedIdentityPayload(f"classic backend needs a FaceCropSet, got {type(identity).__name__}")
@@ -262,17 +339,23 @@ class ClassicBackend:
         face_px = float(tface.box[2])
         template_oval = face_oval_mask(tface, shape)
         template_skin = skin_mask(tface, shape)
+        # Where the person's face may go: the template's face up to its own hairline (its hair, headwear, ears and
+        # background stay as they are).
+        template_region = hairline_face_region(pixels, tface, p.forehead, 0.0)
         timings["analyse"] = time.perf_counter() - t0
 
         # -- Identity: paste the person's face onto the template's, keeping the person's geometry.
         progress("identity", 0.0)
         t = time.perf_counter()
         person_face = None
+        tone_info = None
         if stages.identity:
             pasted, taken = paste_face(crop, tface, shape, p.forehead, p.grow)
             fallbacks += taken
             layer, person_face, person_oval = pasted.layer, pasted.face, pasted.oval
             person_skin = skin_mask(person_face, shape) & person_oval
+            if p.tone_from_all_crops and len(identity.crops) > 1 and person_oval.any():
+                layer, tone_info = _tone_to_all_crops(layer, person_oval, identity, p.source_crop)
         else:
             layer, person_oval, person_skin = pixels.copy(), template_oval, template_skin
         timings["identity"] = time.perf_counter() - t
@@ -284,7 +367,7 @@ class ClassicBackend:
         # What harmonization will do is settled first: the shading scale search previews the composite.
         t = time.perf_counter()
         if stages.harmonize:
-            mask = refine_mask(person_oval, template_oval, face_px, hp)
+            mask = refine_mask(person_oval, template_region, face_px, hp)
         else:
             mask = (person_oval > 0).astype(np.float32)
         person_prob = None
@@ -294,12 +377,17 @@ class ClassicBackend:
             except Exception as exc:  # noqa: BLE001 - any failure of the optional model is a named fallback
                 log.warning("person segmentation failed (%s); using position alone", type(exc).__name__)
                 fallbacks.append("harmonize:no_person_mask")
+        hair_model = None
+        if stages.harmonize and hp.tone_transfer:
+            hair_model = _template_hair_model(pixels, tface, template_region, person_prob)
+            if hair_model is None:
+                fallbacks.append("harmonize:no_hair_model")
         harmonize_setup = time.perf_counter() - t
 
         # -- Shading: the template's light and photographic style on the person's face.
         progress("shading", 0.0)
         t = time.perf_counter()
-        shading_info = {"sigma": None, "preview_lighting": None}
+        shading_info = {"sigma": None, "preview_lighting": None, "tone_site_locked": False}
         if stages.shading and stages.identity:
             layer = layer.copy()
             fw = p.feature_weight
@@ -317,6 +405,12 @@ class ClassicBackend:
             t_weight = t_skin + fw * np.clip(t_oval - t_skin, 0, 1)
             face_core = cv2.GaussianBlur(p_oval, (0, 0), max(1.0, 0.03 * face_px))
             p_anchor = cheek_nose_mask(person_face, shape)[rows, cols].astype(np.float32) / 255.0
+            site = _tone_site(tface.box, shape) & person_oval
+            lock_site = None
+            if p.lock_tone_site and site.any():
+                ita_person, ita_template = ita_degrees(layer, site), ita_degrees(pixels, site)
+                if abs(ita_person - ita_template) > TONE_LOCK_GAP:
+                    lock_site = (ita_template - ita_person, ita_person)
             t_anchor = cheek_nose_mask(tface, shape)[rows, cols].astype(np.float32) / 255.0
             sp = p.shading()
             if sp.lighting_target > 0 and not sp.sh_light:
@@ -324,20 +418,29 @@ class ClassicBackend:
                 weights = (p_weight, t_weight, region, face_core, p_anchor, t_anchor)
                 tone = None
                 if stages.harmonize and hp.tone_transfer:
-                    tone = (template_oval, template_skin, person_prob, person_skin)
+                    tone = (template_oval, template_skin, person_prob, person_skin, hair_model)
                 fidelity = self._lighting_preview(layer[rows, cols], pixels[rows, cols], weights, mask[rows, cols],
                                                   (rows, cols), tface, face_px, sp, tone,
                                                   hp.pyramid_levels if stages.harmonize else 0)
                 sigma, estimate = search_shading_sigma(fidelity, sp)
                 sp = with_sigma(sp, sigma)
-                shading_info = {"sigma": round(sigma, 4), "preview_lighting": round(estimate, 4)}
+                shading_info.update(sigma=round(sigma, 4), preview_lighting=round(estimate, 4))
             else:
-                shading_info = {"sigma": sp.shading_sigma, "preview_lighting": None}
-            layer[rows, cols] = shade_face(layer[rows, cols], pixels[rows, cols], p_weight, t_weight,
-                                           region, face_px, sp, face_core,
-                                           *(self._normals(person_face, tface, rows, cols, face_px, fallbacks)
-                                             if p.sh_light else (None, None)),
-                                           p_anchor, t_anchor)
+                shading_info.update(sigma=sp.shading_sigma, preview_lighting=None)
+            normals = (self._normals(person_face, tface, rows, cols, face_px, fallbacks) if p.sh_light
+                       else (None, None))
+            shaded = shade_face(layer[rows, cols], pixels[rows, cols], p_weight, t_weight, region, face_px, sp,
+                                face_core, *normals, p_anchor, t_anchor)
+            if lock_site is not None:
+                gap, before = lock_site
+                drift = float(np.sign(gap)) * (ita_degrees(shaded, site[rows, cols]) - before)
+                shading_info["tone_site_drift"] = round(drift, 2)
+                if drift > TONE_LOCK_SHARE * abs(gap):
+                    locked = np.maximum(p_anchor, site[rows, cols].astype(np.float32) / 255.0)
+                    shaded = shade_face(layer[rows, cols], pixels[rows, cols], p_weight, t_weight, region, face_px,
+                                        sp, face_core, *normals, locked, t_anchor)
+                    shading_info["tone_site_locked"] = True
+            layer[rows, cols] = shaded
         timings["shading"] = time.perf_counter() - t
         progress("shading", 1.0)
 
@@ -351,7 +454,8 @@ class ClassicBackend:
                     person_tone = skin_tone(to_lab(layer[rows, cols]), person_skin[rows, cols])
                 else:
                     person_tone = skin_tone(to_lab(crop.pixels), skin_mask(crop.face, crop.pixels.shape[:2]))
-                body = self._tone_body(pixels, template_oval, template_skin, tface, face_px, person_prob, person_tone)
+                body = self._tone_body(pixels, template_oval, template_skin, tface, face_px, person_prob, person_tone,
+                                       hair_model)
                 if not stages.identity:
                     layer = body
             fg = layer[rows, cols]
@@ -359,7 +463,15 @@ class ClassicBackend:
                 target = noise_level(pixels[rows, cols], template_skin[rows, cols])
                 fg = match_grain(fg, target, mask[rows, cols], np.random.default_rng(seed))
             out = body.copy()
-            out[rows, cols] = laplacian_blend(fg, body[rows, cols], mask[rows, cols], hp.pyramid_levels)
+            blended = laplacian_blend(fg, body[rows, cols], mask[rows, cols], hp.pyramid_levels)
+            if hp.cut_to_template:
+                # The pyramid's coarse bands spread past the mask; keep their change inside the template's face
+                # region so it does not reach the hair and background as a halo.
+                keep = cv2.GaussianBlur(template_region[rows, cols].astype(np.float32) / 255.0, (0, 0),
+                                        max(0.5, 0.005 * face_px))[..., None]
+                base = body[rows, cols].astype(np.float32)
+                blended = np.clip(base + (blended.astype(np.float32) - base) * keep + 0.5, 0, 255).astype(np.uint8)
+            out[rows, cols] = blended
         else:
             out = np.where(person_oval[..., None] > 0, layer, pixels)
         timings["harmonize"] = time.perf_counter() - t + harmonize_setup
@@ -369,6 +481,7 @@ class ClassicBackend:
         metadata = self._metadata(out, identity, crop, tface, stages, p, seed, fallbacks, template)
         timings["score"] = time.perf_counter() - t
         metadata["shading"] = shading_info
+        metadata["tone"] = tone_info
         metadata["seconds"] = {k: round(v, 4) for k, v in timings.items()}
         log.info("classic render %s: stages=%s identity=%s fallbacks=%s", short_hash(job_id),
                  ",".join(stages.enabled()), metadata["identity_score"], metadata["fallbacks"])
@@ -385,7 +498,8 @@ class ClassicBackend:
 
         person, template: (h, w, 3) uint8 of the region of interest; weights: (person skin weight, template skin
         weight, region, face core, person anchor, template anchor), each (h, w) float32 there; mask: (h, w) float32
-        blend mask; tone: (template oval, template skin, person probability or None, person skin), full frame, to
+        blend mask; tone: (template oval, template skin, person probability or None, person skin, hair model or
+        None), full frame, to
         preview the template's skin moved to the person's tone, or None when harmonization will not do that;
         pyramid_levels: harmonization's Laplacian blend levels at full size, or 0 for its hard paste (harmonize
         off)."""
@@ -404,13 +518,14 @@ class ClassicBackend:
         box = ((x - cols.start) * sx, (y - rows.start) * sy, bw * sx, bh * sy)
         body = t_s
         if tone is not None:
-            t_oval, t_skin, prob, p_skin = tone
+            t_oval, t_skin, prob, p_skin, hair_model = tone
             near = cv2.INTER_NEAREST
             person_tone = skin_tone(to_lab(p_s), small(p_skin[rows, cols], near))
             moved = (tface.landmarks5 - [cols.start, rows.start]) * [sx, sy]
             face_s = replace(tface, landmarks5=moved.astype(np.float32))
             body = self._tone_body(t_s, small(t_oval[rows, cols], near), small(t_skin[rows, cols], near), face_s,
-                                   face_px * scale, None if prob is None else small(prob[rows, cols]), person_tone)
+                                   face_px * scale, None if prob is None else small(prob[rows, cols]), person_tone,
+                                   hair_model)
         p_lin = srgb_to_linear(p_s)
         # The same blend as harmonization's, its pyramid shortened by the octaves the preview was shrunk by.
         levels = max(1, pyramid_levels - int(round(np.log2(1.0 / scale)))) if pyramid_levels else 0
@@ -429,9 +544,11 @@ class ClassicBackend:
 
     @staticmethod
     def _tone_body(pixels: np.ndarray, template_oval: np.ndarray, template_skin: np.ndarray, tface: FaceRecord,
-                   face_px: float, person_prob: np.ndarray | None, person_tone: np.ndarray) -> np.ndarray:
-        """The template with its visible skin brought to the person's tone. The skin weight is smooth, so it is
-        found at half size on large templates; recolouring touches only the box where the weight is nonzero."""
+                   face_px: float, person_prob: np.ndarray | None, person_tone: np.ndarray,
+                   hair: ChromaModel | None = None) -> np.ndarray:
+        """The template with its visible skin brought to the person's tone, not its hair (`hair`: a chroma model of
+        the template's hair, see `harmonize.not_hair`). The skin weight is smooth, so it is found at half size on
+        large templates; recolouring touches only the box where the weight is nonzero."""
         h, w = pixels.shape[:2]
         scale = 0.5 if max(h, w) > 700 else 1.0
         size = (round(w * scale), round(h * scale))
@@ -444,6 +561,11 @@ class ClassicBackend:
         search = skin_search_region(small(template_oval, cv2.INTER_NEAREST), tface.landmarks5 * scale,
                                     face_px * scale, None if person_prob is None else small(person_prob))
         weight = skin_weight(lab, skin_small, search, max(1.5, 0.015 * face_px * scale))
+        if hair is not None:
+            skin_model = ChromaModel.fit(lab, skin_small, 10)
+            if skin_model is not None:
+                veto = not_hair(lab, skin_model, hair)
+                weight = weight * cv2.GaussianBlur(veto, (0, 0), max(1.0, 0.01 * face_px * scale))
         if scale != 1.0:
             weight = cv2.resize(weight, (w, h), interpolation=cv2.INTER_LINEAR)
         ys, xs = np.nonzero(weight > 1e-3)
@@ -493,4 +615,5 @@ class ClassicBackend:
             "person_ref": identity.person_ref,
             "template_sha256": template.sha256,
             "source_sha256": crop.source_sha256,
+            "collateral": portrait_metrics.collateral_change(out, template.pixels, tface.box).as_dict(),
         }

@@ -1,7 +1,8 @@
 """Harmonization stage of the classic backend: fuse the shaded face with the template body without a visible seam.
 
-1. Mask refinement: the person's face region is pulled in a little and feathered (optionally also limited to the
-   template's face oval, `cut_to_template`).
+1. Mask refinement: the person's face region, limited to the template's face region below its hairline
+   (`cut_to_template`), is pulled in a little and feathered; the pyramid blend's change is kept inside the
+   template's region so no halo reaches its hair or background.
 2. Tone: the template's visible skin (neck, ears, forehead, hands; found by a colour model of its face skin inside the
    person segmentation) is brought to the *person's* skin tone, never the face to the template's. Lightness is
    scaled (keeping the template's shading), a* and b* are shifted.
@@ -22,24 +23,34 @@ import numpy as np
 @dataclass(frozen=True)
 class HarmonizeParams:
     """erode, feather: mask pull-in and Gaussian feather, as fractions of the face width. pyramid_levels: blend
-    levels (fewer at small images). tone_transfer, grain: switch those steps. cut_to_template: also limit the
-    face to the template's face oval (cut runs over skin on both sides, but the person loses their face outline
-    and identity drops; off by default)."""
+    levels (fewer at small images). tone_transfer, grain: switch those steps. cut_to_template: limit the face to
+    the template's face region up to its hairline (the template's hair, headwear and background are kept; the
+    person's face outline, where wider, is lost, which costs identity)."""
 
     erode: float = 0.02
     feather: float = 0.015
     pyramid_levels: int = 5
     tone_transfer: bool = True
     grain: bool = True
-    cut_to_template: bool = False
+    cut_to_template: bool = True
+
+
+def _largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected piece of a uint8 mask: two cut regions, or an erosion, can leave slivers beside the
+    face; only the face itself is pasted."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+    if count <= 2:
+        return mask
+    return np.where(labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])), 255, 0).astype(np.uint8)
 
 
 def refine_mask(person_oval: np.ndarray, template_oval: np.ndarray, face_px: float, params: HarmonizeParams) -> np.ndarray:
-    """(H, W) float32 blend mask in [0, 1]: person oval AND template oval, eroded and feathered (both uint8 in)."""
+    """(H, W) float32 blend mask in [0, 1]: person region AND template region (`cut_to_template`), its largest
+    piece, eroded and feathered (both uint8 in)."""
     both = cv2.bitwise_and(person_oval, template_oval) if params.cut_to_template else person_oval
     r = max(1, int(round(params.erode * face_px)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    core = cv2.erode(both, kernel).astype(np.float32) / 255.0
+    core = _largest_part(cv2.erode(_largest_part(both), kernel)).astype(np.float32) / 255.0
     sigma = max(0.5, params.feather * face_px)
     return np.clip(cv2.GaussianBlur(core, (0, 0), sigma), 0.0, 1.0)
 
@@ -83,6 +94,40 @@ def skin_weight(lab: np.ndarray, skin: np.ndarray, search: np.ndarray, smooth: f
     lightness = lab[..., 0]
     weight *= (lightness > centre[0] - 40) & (lightness < centre[0] + 20)
     return cv2.GaussianBlur(weight.astype(np.float32), (0, 0), smooth) * search
+
+
+@dataclass(frozen=True)
+class ChromaModel:
+    """A Gaussian model of (a*, b*): mean (2,), inverse covariance (2, 2) and log-determinant of the covariance."""
+
+    mean: np.ndarray
+    inv_cov: np.ndarray
+    logdet: float
+
+    @classmethod
+    def fit(cls, lab: np.ndarray, mask: np.ndarray, min_samples: int = 50) -> "ChromaModel | None":
+        """The model of the masked pixels' chroma, or None with fewer than `min_samples` of them."""
+        ab = lab[mask > 0][:, 1:].astype(np.float64)
+        if ab.shape[0] < min_samples:
+            return None
+        cov = np.cov(ab.T) + np.eye(2) * 0.5
+        return cls(ab.mean(0).astype(np.float32), np.linalg.inv(cov).astype(np.float32),
+                   float(np.linalg.slogdet(cov)[1]))
+
+    def log_likelihood(self, lab: np.ndarray) -> np.ndarray:
+        """(H, W) float32 Gaussian log-likelihood (up to a shared constant) of each pixel's chroma."""
+        d = lab[..., 1:] - self.mean
+        return -0.5 * (np.einsum("hwi,ij,hwj->hw", d, self.inv_cov, d) + self.logdet)
+
+
+def not_hair(lab: np.ndarray, skin: ChromaModel, hair: ChromaModel | None) -> np.ndarray | float:
+    """(H, W) float32 in [0, 1]: how much more each pixel's chroma looks like skin than like the template's own hair
+    (logistic of the log-likelihood ratio), or 1.0 without a hair model. Blonde, red or grey hair can lie inside the
+    skin's chroma spread; this keeps recolouring off it."""
+    if hair is None:
+        return 1.0
+    ratio = skin.log_likelihood(lab) - hair.log_likelihood(lab)
+    return (1.0 / (1.0 + np.exp(-np.clip(ratio, -30, 30)))).astype(np.float32)
 
 
 def skin_search_region(face_oval: np.ndarray, landmarks5: np.ndarray, face_px: float,

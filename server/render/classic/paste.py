@@ -2,7 +2,9 @@
 
 The person's crop is moved into the template frame by one global similarity (rotation, uniform scale, shift) fitted
 to stable inner-face landmarks, so the person keeps their own facial geometry: nothing is warped onto the template's
-face shape. The face region is the person's face oval (from their mesh), moved along.
+face shape. The face region is the person's face oval (from their mesh), moved along, its forehead cut at their own
+hairline (`hairline_face_region`), so their hair and their photo's background are never carried in; the backend
+cuts it again to the template's region found the same way, so the template's hair and headwear are kept.
 
 Images are (H, W, 3) uint8 RGB; points are (x, y) float32 pixels; masks are (H, W) uint8 {0, 255}.
 """
@@ -13,8 +15,10 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from megaportrait.shared.face_analysis import MESH_FACE_OVAL, face_oval_mask
+from megaportrait.shared.face_analysis import MESH_FACE_OVAL, face_oval_mask, skin_mask
 from megaportrait.shared.records import FaceCrop, FaceRecord
+
+from .harmonize import skin_weight, to_lab
 
 # mediapipe mesh points whose placement depends little on expression or face outline: eye corners, irises, brow
 # heads, nose bridge and tip, nostril wings, mouth corners. The jaw and face outline are left out on purpose.
@@ -105,6 +109,59 @@ def face_region_mask(face: FaceRecord, shape: tuple[int, int], forehead: float =
     return mask
 
 
+BROW_LINE = 0.5
+"""Above this height over the eyes (in eye-to-mouth distances, about the top of the brows) the face region keeps only
+skin-coloured pixels: the hairline, fringe or headwear there is not face."""
+
+
+def hairline_face_region(pixels: np.ndarray, face: FaceRecord, forehead: float = 0.0, grow: float = 0.0,
+                         limit: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) uint8 {0, 255}: `face_region_mask` cut at the face's own hairline, so no hair or headwear is in it.
+
+    Below the brows the whole region counts (eyes, glasses, beard belong to the face); above them only pixels whose
+    colour matches the face's own skin (`harmonize.skin_weight`, a model of the mesh skin's chroma), small gaps
+    (wrinkles, highlights) closed and enclosed holes filled, and only the part joined to the face. `limit` (uint8)
+    bounds the region first (e.g. where a warped crop had pixels). Without a mesh, the 5-point ellipse (no forehead to cut)."""
+    shape = pixels.shape[:2]
+    region = face_region_mask(face, shape, forehead, grow)
+    if limit is not None:
+        region &= limit
+    if face.mesh is None or not region.any():
+        return region
+    ys, xs = np.nonzero(region)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    lm = face.landmarks5.astype(np.float64)
+    eyes, mouth = (lm[0] + lm[1]) / 2, (lm[3] + lm[4]) / 2
+    span = float(np.linalg.norm(eyes - mouth)) + 1e-9
+    up = (eyes - mouth) / span
+    gy, gx = np.mgrid[y0:y1, x0:x1]
+    above = ((gx - eyes[0]) * up[0] + (gy - eyes[1]) * up[1]) > BROW_LINE * span
+    sub = (slice(y0, y1), slice(x0, x1))
+    try:
+        skin = skin_weight(to_lab(pixels[sub]), skin_mask(face, shape)[sub], np.ones((y1 - y0, x1 - x0), np.float32),
+                           smooth=1.0) > 0.5
+    except ValueError:
+        return region
+    r = max(1, int(round(0.02 * float(face.box[2]))))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    skin = cv2.morphologyEx(skin.astype(np.uint8), cv2.MORPH_CLOSE, kernel) > 0
+    keep = (region[sub] > 0) & (~above | skin)
+    count, labels = cv2.connectedComponents(keep.astype(np.uint8), connectivity=4)
+    if count > 2:
+        centre = np.round((eyes + mouth) / 2 - [x0, y0]).astype(int)
+        cy, cx = np.clip(centre[1], 0, y1 - y0 - 1), np.clip(centre[0], 0, x1 - x0 - 1)
+        label = labels[cy, cx] or np.bincount(labels[labels > 0]).argmax()
+        keep = labels == label
+    # Holes inside the face (a shiny forehead, a mole, glasses' frames above the brows) belong to it; hair never
+    # forms a hole, it reaches the region's edge.
+    outside = np.pad(~keep, 1, constant_values=True).astype(np.uint8)
+    cv2.floodFill(outside, None, (0, 0), 2)
+    keep |= outside[1:-1, 1:-1] == 1
+    out = np.zeros(shape, np.uint8)
+    out[sub] = np.where(keep, 255, 0).astype(np.uint8)
+    return out
+
+
 def warp_downsampling_aware(pixels: np.ndarray, matrix: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8: `pixels` warped by the (2, 3) similarity `matrix` into an (H, W) frame.
 
@@ -128,7 +185,9 @@ def paste_face(crop: FaceCrop, template_face: FaceRecord, template_shape: tuple[
                forehead: float = 0.0, grow: float = 0.0) -> tuple[PastedFace, list[str]]:
     """Move the person's crop onto the template face; returns the pasted face and the fallbacks taken.
 
-    template_shape: (H, W) of the template image; forehead: see `face_region_mask`. Fallback "paste:5point_alignment" is named when either face lacks
+    template_shape: (H, W) of the template image; forehead, grow: see `face_region_mask`; the region is cut at the
+    person's own hairline (`hairline_face_region`), so their hair and background stay behind. Fallback
+    "paste:5point_alignment" is named when either face lacks
     its mesh (alignment then uses the 5 landmarks), "paste:ellipse_oval" when the person lacks one (the face region
     is then an ellipse drawn from the 5 landmarks).
     """
@@ -144,5 +203,5 @@ def paste_face(crop: FaceCrop, template_face: FaceRecord, template_shape: tuple[
     inside = cv2.warpAffine(np.full(crop.pixels.shape[:2], 255, np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     face = transform_face(crop.face, matrix)
-    oval = face_region_mask(face, (h, w), forehead, grow) & inside
+    oval = hairline_face_region(layer, face, forehead, grow, inside)
     return PastedFace(layer=layer, face=face, oval=oval, matrix=matrix), fallbacks

@@ -66,7 +66,7 @@ class ShadingParams:
     gain_max: float = 2.5
     periphery_sigma: float = 0.4
     lighting_target: float = 0.92
-    min_sigma: float = 0.03
+    min_sigma: float = 0.06
 
 
 def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:

@@ -40,6 +40,9 @@ def test_identity_full_renders_verify_genuine_and_reject_impostors(quick_eval):
         assert min(r["genuine"]) >= SFACE_THRESHOLD, r
         assert max(r["impostor"]) < SFACE_THRESHOLD, r
     assert ident["by_stage"]["full"]["tar"] == 1.0 and ident["by_stage"]["full"]["far"] == 0.0
+    # Collateral change (issue 17) is reported beside identity; the full render keeps the template's hair/background.
+    assert all(r["collateral"] is not None for r in full)
+    assert ident["by_stage"]["full"]["max_collateral"] <= 0.03
     # Control: the template alone is not the person.
     none = ident["by_stage"]["none"]
     assert none["tar"] == 0.0 and none["mean_template_leak"] > 0.99

@@ -1,4 +1,4 @@
-"""The four acceptance figures (shared.portrait_metrics) behave as defined, on a real template portrait."""
+"""The acceptance figures (shared.portrait_metrics) behave as defined, on a real template portrait."""
 from __future__ import annotations
 
 import cv2
@@ -55,3 +55,43 @@ def test_output_face_and_identity_of_the_template_itself(template, face):
     assert found is not None and pm.identity_cosine(found, face.embedding) > 0.95
     blank = np.full_like(template.pixels, 128)
     assert pm.output_face(FaceAnalyzer(), blank) is None and pm.identity_cosine(None, face.embedding) is None
+
+
+def test_collateral_region_is_hair_and_background_around_the_face(template, face):
+    px = template.pixels
+    region = pm.collateral_region(px, face.box)
+    x, y, w, h = face.box
+    assert region.sum() > 0.3 * (2.2 * w) * (1.95 * h) * 0.3
+    # Nothing inside the face ellipse, nothing beyond the widened box.
+    cx, cy = int(x + w / 2), int(y + h / 2)
+    assert not region[cy - int(0.4 * h):cy + int(0.4 * h), cx - int(0.35 * w):cx + int(0.35 * w)].any()
+    assert not region[:, :max(int(x - 0.6 * w) - 1, 0)].any() and not region[int(y + 1.15 * h) + 1:, :].any()
+    # The template's skin-coloured pixels (cheeks) are not in it.
+    cheeks = px[int(y + 0.45 * h):int(y + 0.6 * h), int(x + 0.25 * w):int(x + 0.75 * w)]
+    skin_lab = pm.to_lab(cheeks).reshape(-1, 3)
+    lab = pm.to_lab(px)
+    near_skin = np.linalg.norm(lab[..., 1:] - np.median(skin_lab[:, 1:], axis=0), axis=2) < 3
+    assert not (region & near_skin).any()
+
+
+def test_collateral_change_counts_only_visible_changes_outside_the_face(template, face):
+    px = template.pixels
+    same = pm.collateral_change(px, px, face.box)
+    assert same.share == 0.0 and same.mean_delta_e == 0.0 and same.region_px > 1000
+    x, y, w, h = face.box
+    # Repainting the face itself changes nothing the figure counts.
+    inside = px.copy()
+    inside[int(y + 0.2 * h):int(y + 0.8 * h), int(x + 0.2 * w):int(x + 0.8 * w)] = 0
+    assert pm.collateral_change(inside, px, face.box).share == 0.0
+    # A bright halo over the hair/background around the head is counted; a faint one (< 12 CIE76) is not.
+    halo = np.zeros(px.shape[:2], np.uint8)
+    cv2.ellipse(halo, (int(x + w / 2), int(y + h / 2)), (int(0.9 * w), int(1.0 * h)), 0, 0, 360, 1, -1)
+    strong = np.where(halo[..., None] > 0, np.clip(px.astype(int) + 60, 0, 255), px).astype(np.uint8)
+    faint = np.where(halo[..., None] > 0, np.clip(px.astype(int) + 4, 0, 255), px).astype(np.uint8)
+    got = pm.collateral_change(strong, px, face.box)
+    assert 0.2 < got.share <= 1.0 and got.mean_delta_e > 5
+    assert pm.collateral_change(faint, px, face.box).share == 0.0
+    diff_map = pm.collateral_difference_map(strong, px, face.box)
+    assert diff_map.shape == px.shape and (diff_map == (255, 40, 40)).all(axis=2).any()
+    with pytest.raises(ValueError, match="differ in size"):
+        pm.collateral_change(px[:-1], px, face.box)

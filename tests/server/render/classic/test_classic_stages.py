@@ -131,13 +131,36 @@ def test_lighting_target_zero_keeps_the_fixed_scale(analyzer, obama, template):
     backend = ClassicBackend(analyzer)
     fixed = backend.render("a", template, obama, stages=StageSwitches(), seed=0,
                            params={"lighting_target": 0.0, "shading_sigma": 0.15}, progress=lambda s, f: None)
-    assert fixed.metadata["shading"] == {"sigma": 0.15, "preview_lighting": None}
+    assert {k: fixed.metadata["shading"][k] for k in ("sigma", "preview_lighting")} == {"sigma": 0.15,
+                                                                                       "preview_lighting": None}
     searched = backend.render("b", template, obama, stages=StageSwitches(), seed=0, params={},
                               progress=lambda s, f: None)
     assert searched.metadata["shading"]["preview_lighting"] >= ShadingParams.lighting_target
     off = backend.render("c", template, obama, stages=StageSwitches(shading=False), seed=0, params={},
                          progress=lambda s, f: None)
-    assert off.metadata["shading"] == {"sigma": None, "preview_lighting": None}
+    assert off.metadata["shading"] == {"sigma": None, "preview_lighting": None, "tone_site_locked": False}
+
+
+def test_tone_site_lock_keeps_the_face_box_away_from_the_template_tone(analyzer, people, templates):
+    """Biden (his photos: box ITA -24 and 44) onto the evenly lit 029748 (ITA 40): cheek-locked relighting lifts
+    his brows and eye area toward the template's tone, so the backend redoes it keeping his skin level over the
+    face box's whole tone site (issue 10 (b)); with the lock off that site ends nearer the template's tone."""
+    from megaportrait.shared.skin_tone import box_ita
+
+    report = intake_photos(people["biden"], FaceSettings(crop_size=512), analyzer, show_progress=False)
+    biden = face_crop_set("biden", report)
+    template = load_image(next(p for p in templates if p.stem == "029748"))
+    box = analyzer.detect(template)[0].box
+    backend = ClassicBackend(analyzer)
+    renders = {lock: backend.render(str(lock), template, biden, stages=StageSwitches(), seed=0,
+                                    params={"lock_tone_site": lock}, progress=lambda s, f: None)
+               for lock in (False, True)}
+    shading = renders[True].metadata["shading"]
+    assert shading["tone_site_locked"] is True and shading["tone_site_drift"] > 5.0, shading
+    assert renders[False].metadata["shading"]["tone_site_locked"] is False
+    ita_t = box_ita(template.pixels, box)
+    gap = {lock: abs(box_ita(r.pixels, box) - ita_t) for lock, r in renders.items()}
+    assert gap[True] > gap[False] + 3.0, gap
 
 
 def test_recolor_skin_reaches_the_target_tone(template, template_face):
