@@ -867,7 +867,8 @@ def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, p
                         global_arrays: Sequence[np.ndarray], photo_sha256: Sequence[str] | None = None,
                         base: Any = None, steps: int | None = None, progress: bool = False,
                         dp_noise_seed: int | None = None, ledger: Any = None,
-                        actor: str = "site") -> "IdentityAdapter":  # noqa: F821
+                        actor: str = "site", privacy_ledger: "SitePrivacyLedger | None" = None,
+                        per_photo_budget: float | None = None) -> "IdentityAdapter":  # noqa: F821
     """A person's adapter, fine-tuned locally from the global adapter on that person's crops with the identity
     prompt. It stays at the site: nothing here sends it, and the federated client never reads it.
 
@@ -875,7 +876,8 @@ def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, p
     training and again after it (consent ended meanwhile: the adapter is discarded and the ConsentError raised),
     as `client.identity.train_identity_adapter` does. Without it the caller must have checked consent.
     The returned PrivacyReport covers this personalisation run only; the person's photos also took part in the
-    site's global rounds, whose epsilon is in the site's privacy ledger.
+    site's global rounds. With `privacy_ledger` (the site's) the run is composed into it, and with
+    `per_photo_budget` a run that would take the site's per-photo epsilon past it is refused before training.
     """
     from megaportrait.client.identity import _validated_crops, attach_lora, detach_lora, lora_state_dict, \
         prepare_training_set, set_lora_arrays, train_lora
@@ -885,6 +887,14 @@ def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, p
     if ledger is not None:
         ledger.require(person_ref, PERSONAL_ADAPTER_PURPOSE, actor=actor)
     arrays, hashes = _validated_crops(crops, photo_sha256)
+    if privacy_ledger is not None and per_photo_budget is not None and settings.dp_enabled:
+        planned = (float(settings.noise_multiplier or 0.0), planned_sample_rate(len(arrays), settings.batch_size),
+                   int(steps if steps is not None else settings.steps))
+        projected = privacy_ledger.epsilon([planned])
+        if projected > per_photo_budget:
+            raise SiteError(f"personal adapter refused: it would take the site's per-photo epsilon to "
+                            f"{projected:.3g}, over its budget {per_photo_budget:g} (policies/privacy.yaml)",
+                            reason="privacy_budget")
     base = base if base is not None else load_base(settings, 0)
     ts = prepare_training_set(base.components, arrays, settings)
     unet = attach_lora(base.components["unet"], settings)
@@ -901,6 +911,12 @@ def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, p
         except ConsentError:
             state.clear()  # consent ended during training: the adapter is not kept
             raise
+    if privacy_ledger is not None:
+        if report.epsilon is None:
+            privacy_ledger.record_personal(0.0, report.sample_rate, report.steps, person=person_ref[:12])
+        else:
+            privacy_ledger.record_personal(report.noise_multiplier, report.sample_rate, report.steps,
+                                           person=person_ref[:12])
     return IdentityAdapter(person_ref=person_ref, token=settings.token, rank=settings.rank, alpha=settings.alpha,
                            target_modules=tuple(settings.target_modules), lora_state=state, base_model=base.ref,
                            privacy=report, photo_sha256=hashes)
