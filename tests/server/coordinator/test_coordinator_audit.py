@@ -25,7 +25,7 @@ from megaportrait.shared.cli import app as cli
 
 pytestmark = pytest.mark.slow
 
-RUN = {"secure-aggregation": False, "local-steps": 1, "min-sites": 2, "epsilon-budget-per-site": 100.0}
+RUN = {"secure-aggregation": False, "local-steps": 1, "min-sites": 2}
 PERSONS = {"site-a": "person-template-a", "site-b": "person-biden", "site-c": "person-template-c"}
 
 
@@ -75,7 +75,7 @@ def test_run_start_and_resume_are_recorded(coordinator):
         assert e.outcome == "ok" and e.policy == e.detail["config_sha256"] and e.policy in e.data
         assert e.detail["strategy"] == "fedavg" and e.detail["clipping"] == "fixed"
         assert e.detail["min_sites"] == 2 and e.detail["rounds"] == rounds
-        assert e.detail["epsilon_budget_per_site"] == 100.0 and e.detail["secure_aggregation"] is False
+        assert e.detail["epsilon_budget_per_site"] == 64.0 and e.detail["secure_aggregation"] is False
         assert e.detail["noise_multiplier"] > 0 and e.detail["clipping_norm"] > 0
     assert starts[0].policy != starts[1].policy  # num-server-rounds differs: another config version
     (resume,) = _entries(coordinator, "run.resume")
