@@ -36,6 +36,8 @@ class SitePrivacy:
     rounds: list[int]
     refused: list[dict]
     coordinator_epsilon: float | None
+    site_epsilon: float | None = None
+    """Per-site epsilon (federation noise) from the coordinator's own accountant."""
 
 
 @dataclass
@@ -156,7 +158,8 @@ def run_federation(sites: list[Site], settings: DemoSettings, work: Path, *,
         figures.append(SitePrivacy(site=site_id, people=[p.name for p in staged], n_examples=n_examples,
                                    epsilon=ledger.epsilon(), delta=ledger.delta, releases=len(ledger.history),
                                    rounds=list(account.get("rounds", [])), refused=list(account.get("refused", [])),
-                                   coordinator_epsilon=account.get("epsilon")))
+                                   coordinator_epsilon=account.get("epsilon"),
+                                   site_epsilon=account.get("site_epsilon")))
     for site in sites:
         if site.site_id in taking_part:
             p = next(f for f in figures if f.site == site.site_id)
