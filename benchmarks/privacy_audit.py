@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     analyzer = FaceAnalyzer()
-    pool, labels = face_pool(photos_in([args.data / "people", args.data / "hard"]), analyzer, size=64)
+    pool, labels = face_pool(photos_in([args.data / "hard", args.data / "templates"]), analyzer, size=64)
     people = {p.name: face_pool(photos_in([p]), analyzer, size=64)[0] for p in sorted((args.data / "people").iterdir())
               if p.is_dir()}
     lira = LiraSettings(adapters=args.adapters)

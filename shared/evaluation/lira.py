@@ -1,15 +1,16 @@
 """Privacy audit of Identity Net adapters: a LiRA-style membership attack with a positive control, beside the bound
 each arm's epsilon implies, and a privacy-utility curve.
 
-Production setting: each adapter trains on `photos_per_adapter` crops (a person's 3-8 photos) drawn from a pool,
-with the given steps and DP settings; `adapters` of them are trained, and each in turn is the target while the
-others are its shadows (leave-one-out). Per photo and target, the attack score is the adapter's loss reduction on
-the photo (base loss minus adapter loss, fixed draws); LiRA (Carlini et al. 2022, offline variant, since a photo
-is in few shadows) standardises it against the shadows that did *not* train on the photo: z = (s - mean_out) /
-std_out. Reported: AUC, TPR at FPR 1 % and 0.1 %, each with a 95 % bootstrap interval over *photos* (a photo's
-scores are resampled together), and for a DP arm the bound TPR <= e^eps * FPR + delta its per-photo epsilon
-(Opacus) implies. The positive control trains without DP and with more steps; if its AUC is below
-`control_min_auc` the audit has no power and no DP result is reported.
+Production setting: each adapter trains on 4 to 8 rows (a person's photo count) with the given steps and DP
+settings; `adapters` of them are trained, and each in turn is the target while the others are its shadows
+(leave-one-out). Per photo and target, the attack score is the adapter's loss reduction on the photo (base loss
+minus adapter loss, fixed draws); LiRA (Carlini et al. 2022, offline variant, since a photo is in few shadows)
+standardises it against the shadows that did *not* train on the photo: z = (s - mean_out) / std_out. Reported:
+AUC, TPR at FPR 1 % and 0.1 %, each with a 95 % bootstrap interval over *photos* (a photo's scores are resampled
+together); a person-level variant (all but one of a person's photos in or out, attacked with the held-out one);
+canary exposure; and for a DP arm the bound TPR <= e^eps * FPR + delta its epsilon (Opacus; per photo, and per
+person for the person-level attack) implies. The positive control trains without DP and with more steps; if its
+AUC is below `control_min_auc` the audit has no power and no DP result is reported.
 
 The privacy-utility curve trains on all but one photo of a person at a few noise levels and reports epsilon per
 photo and per person (group of the person's photos, `shared.accounting`) against the denoising loss on the held-out
@@ -52,10 +53,11 @@ class ArmSettings:
 @dataclass(frozen=True)
 class LiraSettings:
     """The audit. Defaults: the production adapter (IdentitySettings' 30 steps, lr 1e-3, noise 1.0) and a positive
-    control without DP at 300 steps and lr 1e-2; 16 adapters per arm; 4 photos per adapter."""
+    control without DP at 300 steps and lr 1e-2; 16 adapters per arm; 3 pool photos per adapter (plus the people
+    drawn in and a canary)."""
 
     adapters: int = 16
-    photos_per_adapter: int = 4
+    photos_per_adapter: int = 3
     pool_size: int = 12
     arms: tuple[ArmSettings, ...] = (ArmSettings("positive_control", 300, 1e-2, None),
                                      ArmSettings("production_dp", 30, 1e-3, 1.0))
@@ -67,7 +69,9 @@ class LiraSettings:
     max_timestep: int = 100
     resolution: int = 64
     control_min_auc: float = 0.8
+    canaries: int = 16
     bootstrap: int = 500
+    keep_raw: bool = False
     curve_noise: tuple[float | None, ...] = (None, 4.0, 2.0, 1.0, 0.5)
     curve_steps: int = 30
     seed: int = 0
@@ -149,67 +153,141 @@ def _train_and_score(components, ts, rows: np.ndarray, settings: IdentitySetting
     return losses, report
 
 
+def canary_images(n: int, size: int, seed: int) -> list[np.ndarray]:
+    """`n` distinct synthetic canaries: (size, size, 3) uint8 images of random 8x8-pixel colour blocks."""
+    rng = np.random.default_rng(seed)
+    blocks = size // 8
+    return [np.kron(rng.integers(0, 256, (blocks, blocks, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+            for _ in range(n)]
+
+
+def exposure(reductions: np.ndarray, inserted: int) -> float:
+    """Secret-sharer exposure (Carlini et al. 2019) of candidate `inserted` among `reductions` (loss reduction per
+    candidate; the larger, the more memorised): log2(candidates) - log2(rank)."""
+    rank = 1 + int(np.sum(reductions > reductions[inserted]))
+    return math.log2(len(reductions)) - math.log2(rank)
+
+
+def _arm_summary(scores: np.ndarray, valid: np.ndarray, members: np.ndarray, clusters: np.ndarray, lira: LiraSettings,
+                 ) -> dict:
+    s, lab, photo = scores[valid], members[valid].astype(int), clusters[valid]
+    if lab.min() == lab.max():
+        return {"n_scores": int(len(s)), "note": "all scores on one side: no AUC"}
+    return {**_metrics(s, lab), "ci95": bootstrap_over_photos(s, lab, photo, lira.bootstrap, lira.seed),
+            "n_scores": int(len(s)), "n_members": int(lab.sum()), "n_clusters": int(len(np.unique(photo)))}
+
+
 def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, *,
                    advance: Callable[[int], None] | None = None) -> dict:
-    """The audit on face crops `pool` ((S, S, 3) uint8) and, for the curve, `people` (name -> that person's crops,
-    at least 2). Returns settings, per-arm results, the power verdict and the curve."""
+    """The audit. pool: face crops ((S, S, 3) uint8) of people other than `people`'s, the per-photo targets; people:
+    name -> that person's crops (at least 2; the last is held out), the person-level targets and the curve's data.
+
+    Each adapter trains on `photos_per_adapter` pool photos, plus all but the held-out photo of each person drawn
+    in for it (probability 1/2 each), plus one canary: 4 to 8 rows, a person's photo count. Three attacks on the
+    same adapters: per photo (offline LiRA on the pool photos), per person (offline LiRA on each person's held-out
+    photo: did the adapter train on the person's other photos?) and canary exposure."""
     from megaportrait.client.identity import prepare_training_set
     from megaportrait.shared.accounting import epsilon, group_history, membership_bound
     from megaportrait.shared.base_models import load_base_model
 
     if len(pool) < lira.pool_size:
         raise EvaluationError(f"the audit needs {lira.pool_size} face crops in its pool, got {len(pool)}")
+    persons = {k: list(v) for k, v in sorted(people.items()) if len(v) >= 2}
     base_model = load_base_model(None)
     components = base_model.components
+    canaries = canary_images(lira.canaries, lira.resolution, lira.seed + 777)
+    rows = list(pool[: lira.pool_size])
+    person_rows: dict[str, list[int]] = {}
+    for name, crops in persons.items():
+        person_rows[name] = list(range(len(rows), len(rows) + len(crops)))
+        rows += crops
+    canary_rows = list(range(len(rows), len(rows) + len(canaries)))
+    rows += canaries
     plain = IdentitySettings(resolution=lira.resolution, prior_preservation=False)
-    ts = sd_like(prepare_training_set(components, list(pool[: lira.pool_size]), plain))
+    ts = sd_like(prepare_training_set(components, rows, plain))
     loss_seed = lira.seed + 10_000
     base = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
     rng = np.random.default_rng(lira.seed)
     membership = np.zeros((lira.adapters, lira.pool_size), bool)
+    person_in = np.zeros((lira.adapters, len(persons)), bool)
+    training: list[np.ndarray] = []
+    inserted = [a % len(canaries) for a in range(lira.adapters)]
     for a in range(lira.adapters):
         membership[a, rng.choice(lira.pool_size, lira.photos_per_adapter, replace=False)] = True
+        person_in[a] = rng.random(len(persons)) < 0.5
+        chosen = list(np.flatnonzero(membership[a]))
+        for j, name in enumerate(persons):
+            if person_in[a, j]:
+                chosen += person_rows[name][:-1]
+        chosen.append(canary_rows[inserted[a]])
+        training.append(np.array(sorted(chosen)))
+    held = [person_rows[name][-1] for name in persons]
     arms: dict[str, dict] = {}
     for arm in lira.arms:
-        losses, eps = [], None
+        losses, eps, reports = [], None, []
         for a in range(lira.adapters):
             settings = arm.identity_settings(lira, lira.seed + a)
-            adapted, report = _train_and_score(components, ts, np.flatnonzero(membership[a]), settings,
-                                               lira.seed + a, lira, loss_seed)
+            adapted, report = _train_and_score(components, ts, training[a], settings, lira.seed + a, lira, loss_seed)
             losses.append(adapted)
-            eps = report.epsilon
+            reports.append(report)
+            eps = report.epsilon if report.epsilon is None else max(eps or 0.0, report.epsilon)
             if advance:
                 advance(arm.steps)
-        scores, valid = lira_scores(np.stack(losses), base, membership)
-        s, lab = scores[valid], membership[valid].astype(int)
-        photo = np.broadcast_to(np.arange(lira.pool_size), scores.shape)[valid]
-        summary = {**_metrics(s, lab), "ci95": bootstrap_over_photos(s, lab, photo, lira.bootstrap, lira.seed),
-                   "n_scores": int(len(s)), "n_members": int(lab.sum()), "n_photos": lira.pool_size,
-                   "settings": asdict(arm), "epsilon_per_photo": eps}
+        losses_arr = np.stack(losses)
+        scores, valid = lira_scores(losses_arr[:, : lira.pool_size], base[: lira.pool_size], membership)
+        photo_ids = np.broadcast_to(np.arange(lira.pool_size), scores.shape)
+        summary = {**_arm_summary(scores, valid, membership, photo_ids, lira), "settings": asdict(arm),
+                   "epsilon_per_photo": eps}
+        summary["roc_scores"] = {"scores": scores[valid].round(4).tolist(), "labels": membership[valid].astype(int).tolist()}
+        if persons:
+            p_scores, p_valid = lira_scores(losses_arr[:, held], base[held], person_in)
+            p_ids = np.broadcast_to(np.arange(len(persons)), p_scores.shape)
+            summary["person_level"] = {**_arm_summary(p_scores, p_valid, person_in, p_ids, lira),
+                                       "people": list(persons),
+                                       "note": f"{len(persons)} real people: the interval over people is wide"}
+        reductions = base[canary_rows][None, :] - losses_arr[:, canary_rows]
+        exposures = [exposure(reductions[a], inserted[a]) for a in range(lira.adapters)]
+        chance = math.log2(len(canaries)) - float(np.mean([math.log2(r) for r in range(1, len(canaries) + 1)]))
+        summary["canary"] = {"exposure_mean": float(np.mean(exposures)), "exposure_max": float(np.max(exposures)),
+                             "exposure_at_chance": chance, "max_possible": math.log2(len(canaries)),
+                             "candidates": len(canaries)}
         if eps is not None:
-            summary["bound_tpr_at_fpr_1pct"] = membership_bound(eps, lira.delta, 0.01)
-            summary["bound_tpr_at_fpr_0.1pct"] = membership_bound(eps, lira.delta, 0.001)
-            summary["within_bound"] = (summary["tpr_at_fpr_1pct"] <= summary["bound_tpr_at_fpr_1pct"] + 1e-9
-                                       and summary["tpr_at_fpr_0.1pct"] <= summary["bound_tpr_at_fpr_0.1pct"] + 1e-9)
+            k = max((len(v) - 1 for v in persons.values()), default=1)
+            hist = [(r.noise_multiplier, r.sample_rate, r.steps) for r in reports[:1]]
+            summary["epsilon_per_person"] = epsilon(group_history(hist, k), lira.delta)
+            for level, key in (("", "epsilon_per_photo"), ("person_level", "epsilon_per_person")):
+                target = summary[level] if level else summary
+                if "auc" not in target:
+                    continue
+                e = summary[key]
+                target["bound_tpr_at_fpr_1pct"] = membership_bound(e, lira.delta, 0.01)
+                target["bound_tpr_at_fpr_0.1pct"] = membership_bound(e, lira.delta, 0.001)
+                target["within_bound"] = bool(target["tpr_at_fpr_1pct"] <= target["bound_tpr_at_fpr_1pct"] + 1e-9
+                                              and target["tpr_at_fpr_0.1pct"] <= target["bound_tpr_at_fpr_0.1pct"]
+                                              + 1e-9)
+        if lira.keep_raw:
+            summary["raw"] = {"losses": losses_arr.tolist(), "base": base.tolist(),
+                              "membership": membership.tolist(), "person_in": person_in.tolist(), "held": held,
+                              "canary_rows": canary_rows, "inserted": inserted}
         arms[arm.name] = summary
-        log.info("LiRA %s: AUC %.3f, TPR@1%% %.3f, epsilon %s", arm.name, summary["auc"], summary["tpr_at_fpr_1pct"],
-                 eps)
-    control = arms.get("positive_control")
-    powered = control is not None and control["auc"] >= lira.control_min_auc
-    verdict = ("the positive control reaches AUC %.3f >= %.2f: the audit has power" % (control["auc"], lira.control_min_auc)
-               if powered else "the audit has NO POWER (positive control AUC below %.2f): no DP result is shown"
-               % lira.control_min_auc)
+        log.info("LiRA %s: AUC %s, epsilon %s", arm.name, summary.get("auc"), eps)
+    control = arms.get("positive_control", {})
+    powered = control.get("auc", 0.0) >= lira.control_min_auc
+    verdict = (f"the positive control reaches AUC {control.get('auc', 0.0):.3f} >= {lira.control_min_auc:.2f}: the "
+               "audit has power" if powered else
+               f"the audit has NO POWER (positive control AUC {control.get('auc', float('nan')):.3f} below "
+               f"{lira.control_min_auc:.2f}): no DP result is shown")
     if not powered:
         arms = {k: v for k, v in arms.items() if k == "positive_control"}
-    curve = privacy_utility_curve(components, people, lira, epsilon, group_history)
+    curve = privacy_utility_curve(components, persons, lira, epsilon, group_history)
     after = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
     if not np.allclose(after, base, rtol=1e-5, atol=1e-7):
         raise EvaluationError("the base UNet changed during the audit (LoRA not fully detached); results invalid")
     return {"settings": {k: v for k, v in asdict(lira).items() if k != "arms"}, "arms": arms, "powered": powered,
-            "verdict": verdict, "curve": curve,
-            "setting_note": "tiny in-code base model at 64 px with SD-like latents; each adapter's training set is "
-                            f"{lira.photos_per_adapter} crops drawn from the pool (a person's photo count), not one "
-                            "real person's photos"}
+            "verdict": verdict, "curve": curve, "adapter_rows": [int(len(t)) for t in training],
+            "setting_note": "tiny in-code base model at 64 px with SD-like latents; per-photo targets are pool "
+                            "photos of other people; each adapter trains on 4 to 8 rows (pool photos, the photos of "
+                            "the people drawn in, one canary)"}
 
 
 def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, epsilon,
