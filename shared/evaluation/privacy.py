@@ -23,7 +23,6 @@ from .dataset import PHOTO_SUFFIXES
 log = logging.getLogger("megaportrait.evaluation")
 
 
-
 def rank_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
     """ROC AUC of scores where higher means "positive", as the Mann-Whitney U statistic over average ranks (ties
     count half): P(score of a random positive > score of a random negative)."""
