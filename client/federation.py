@@ -7,9 +7,12 @@ Two levels of adapter, and only one of them is federated:
   ("a photo of person"), with no identity token. It learns what the sites' photos share (faces, framing, lighting
   of real portrait photos) and is averaged across sites by the coordinator. Each round a site trains it locally
   with Opacus DP-SGD (per-photo clipping and noise, `client.identity.train_lora`), Flower's client-side clipping
-  mod (`fixedclipping_mod`, or `adaptiveclipping_mod` when the coordinator runs adaptive clipping) clips the
-  site's whole update to the coordinator's clipping norm (the coordinator adds central noise), and with secure
-  aggregation `secaggplus_mod` masks the update so the coordinator only ever sees the sum over sites.
+  mod (`fixedclipping_mod`, or `adaptiveclipping_mod` when the coordinator runs adaptive clipping, only without
+  SecAgg+) clips the site's whole update to the coordinator's clipping norm; with secure aggregation the site then
+  adds its share of the federation's Gaussian noise (distributed DP, `clipping_mod`) and `secaggplus_mod` masks the
+  update, so the coordinator only ever sees the noised sum over sites (without SecAgg+ the coordinator adds the
+  noise). Every release is composed in the site's `SitePrivacyLedger` in three units (per photo, per person, per
+  site; deploy/docs/privacy.md), and the site declines a round that would cross a budget of its own privacy policy.
 - **Per-person adapters** (never federated). `personalise_adapter` starts from the latest global adapter this site
   received and fine-tunes it on one person's crops with the identity prompt ("a photo of sks person"). The result
   is an `IdentityAdapter` kept at the site (or sealed to a render node by client/payload.py under consent); no
@@ -31,11 +34,12 @@ What leaves the site, per round (and nothing else; `outbox_audit_mod` writes eve
   shapes the coordinator sent, with aggregation weight (`num_examples`) 1, whatever the number of crops: the
   coordinator's central noise covers the unweighted mean of the sites' clipped updates (a declined round sends
   back the arrays it received, with weight 0);
-- a metrics record: `site-id`, `epsilon` (cumulative, from the Opacus accountant), `delta`, `steps`,
-  `n-examples` (number of crops), `round-loss`, `declined`, `decline-reason`; with adaptive clipping also Flower's
-  `norm_bit` (whether the update was clipped; the coordinator noises the count);
+- a metrics record: `site-id`, `epsilon` (cumulative per-photo figure, from the Opacus accountant), `delta`,
+  `steps`, `n-examples` (the number of crops rounded down to a power of ten, `examples_bucket`), `declined`,
+  `decline-reason`; no training loss; with adaptive clipping (only without SecAgg+, to a trusted coordinator) also
+  Flower's `norm_bit` (whether the update was clipped; the coordinator noises the count);
 - answers to the coordinator's budget query: `site-id`, `epsilon`, `epsilon-next` (what the accountant says the
-  next round would bring the site to), `n-examples`, `declined`, `decline-reason`;
+  next round would bring the site to), `n-examples` (bucketed), `declined`, `decline-reason`;
 - under SecAgg+, the protocol's public keys, encrypted key shares and masked vectors.
 
 Photos, crops, embeddings, per-person adapters, person refs and file names never leave.
@@ -476,10 +480,16 @@ class SitePrivacyLedger:
 
 def site_privacy_policy(site: "SiteConfig", run_config: dict[str, Any]) -> Any:
     """The site's own privacy policy (its budgets): node config `privacy-policy`, else run config
-    `privacy-policy`, else the checkout's policies/privacy.yaml."""
+    `privacy-policy`, else `$MEGAPORTRAIT_CONFIG`'s `policy.privacy_file` when that variable is set, else the
+    checkout's policies/privacy.yaml."""
     from megaportrait.shared.policy import DEFAULT_PRIVACY_POLICY, load_privacy_policy
 
-    path = str(site.privacy_policy or run_config.get("privacy-policy", "") or DEFAULT_PRIVACY_POLICY)
+    path = str(site.privacy_policy or run_config.get("privacy-policy", "") or "")
+    if not path and os.environ.get("MEGAPORTRAIT_CONFIG"):
+        from megaportrait.shared.config import load_settings
+
+        path = str(load_settings().policy.privacy_file)
+    path = path or str(DEFAULT_PRIVACY_POLICY)
     return load_privacy_policy(Path(path).expanduser())
 
 
