@@ -15,8 +15,12 @@ Why Flower's *legacy* strategy API (`flwr.server.strategy`): in flwr 1.42 secure
 Message-API strategies (`flwr.serverapp.strategy`) have no SecAgg+ counterpart. One strategy stack then serves runs
 with and without SecAgg+ (the latter use Flower's `DefaultWorkflow` fit workflow).
 
-Every site weighs the same. The central noise (stddev z * C / n for noise multiplier z, clipping norm C, n sites
-aggregated) bounds one site's influence on the *unweighted mean* of n updates clipped to C: C / n. FedAvg's usual
+Every site weighs the same. The federation's noise has stddev z * C on the *sum* of the n clipped updates (z * C / n
+on their unweighted mean), accounted with sensitivity C (one site's update added or removed) by the coordinator's
+own accountant (budget.py, `shared.accounting`). Under SecAgg+ the noise is distributed: each site adds
+z * C / sqrt(min_sites) before masking (client/federation.py) and the coordinator adds nothing, so it never sees an
+un-noised sum; without SecAgg+ the coordinator checks every update's norm against C and adds the noise itself,
+from `os.urandom` (`shared.dp_noise`). FedAvg's usual
 weighting by example count would let a large site move the aggregate by up to C * (its examples / all examples),
 more than the noise covers. So under DP (always, here) the aggregate is the plain mean of the clipped updates:
 - in the clear, the DP wrappers below hand the aggregator every result with `num_examples = 1` (`unit_weighted`),
@@ -33,9 +37,10 @@ never as weights. The noise stddev actually used, and the n it was calibrated to
 and in the round's DP record (`meta["dp"]` of the checkpoint).
 
 Robust strategies (median, trimmed mean) need every site's update in the clear, so they cannot be combined with
-secure aggregation; `build_strategy` refuses that combination. They ignore weights anyway. Note that the z * C / n
-noise is calibrated to the mean's sensitivity; one site can move a median (or a mean trimmed of few sites) by more
-than C / n, so their central noise is weaker than it is for fedavg.
+secure aggregation; and one site can move a median (or a mean trimmed of few sites) by far more than the C / n the
+noise is calibrated to, so `build_strategy` refuses them under DP (noise multiplier > 0). Each round's DP record
+names the aggregator and this refusal. Adaptive clipping is refused under SecAgg+ (each site's clipped bit would
+travel in the clear).
 """
 from __future__ import annotations
 
