@@ -256,7 +256,7 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
             hist = [(r.noise_multiplier, r.sample_rate, r.steps) for r in reports[:1]]
             summary["epsilon_per_person"] = epsilon(group_history(hist, k), lira.delta)
             for level, key in (("", "epsilon_per_photo"), ("person_level", "epsilon_per_person")):
-                target = summary[level] if level else summary
+                target = summary.get(level, {}) if level else summary
                 if "auc" not in target:
                     continue
                 e = summary[key]
