@@ -177,6 +177,16 @@ def _arm_summary(scores: np.ndarray, valid: np.ndarray, members: np.ndarray, clu
             "n_scores": int(len(s)), "n_members": int(lab.sum()), "n_clusters": int(len(np.unique(photo)))}
 
 
+def power_verdict(arms: dict[str, dict], min_auc: float) -> tuple[bool, str, dict[str, dict]]:
+    """(powered, verdict, the arms to show): without a positive control at AUC >= `min_auc` the audit has no power
+    and only the control is shown."""
+    auc = arms.get("positive_control", {}).get("auc", float("nan"))
+    if auc >= min_auc:
+        return True, f"the positive control reaches AUC {auc:.3f} >= {min_auc:.2f}: the audit has power", arms
+    return (False, f"the audit has NO POWER (positive control AUC {auc:.3f} below {min_auc:.2f}): no DP result is "
+            "shown", {k: v for k, v in arms.items() if k == "positive_control"})
+
+
 def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, *,
                    advance: Callable[[int], None] | None = None) -> dict:
     """The audit. pool: face crops ((S, S, 3) uint8) of people other than `people`'s, the per-photo targets; people:
@@ -271,14 +281,7 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
                               "canary_rows": canary_rows, "inserted": inserted}
         arms[arm.name] = summary
         log.info("LiRA %s: AUC %s, epsilon %s", arm.name, summary.get("auc"), eps)
-    control = arms.get("positive_control", {})
-    powered = control.get("auc", 0.0) >= lira.control_min_auc
-    verdict = (f"the positive control reaches AUC {control.get('auc', 0.0):.3f} >= {lira.control_min_auc:.2f}: the "
-               "audit has power" if powered else
-               f"the audit has NO POWER (positive control AUC {control.get('auc', float('nan')):.3f} below "
-               f"{lira.control_min_auc:.2f}): no DP result is shown")
-    if not powered:
-        arms = {k: v for k, v in arms.items() if k == "positive_control"}
+    powered, verdict, arms = power_verdict(arms, lira.control_min_auc)
     curve = privacy_utility_curve(components, persons, lira, epsilon, group_history)
     after = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
     if not np.allclose(after, base, rtol=1e-5, atol=1e-7):
