@@ -244,16 +244,17 @@ def personalise_people(sites: list[Site], fed: FederationOutcome, settings: Demo
             if base is None:
                 base = load_base(identity, settings.seed)
             t = time.perf_counter()
+            # The site's ledger composes the personal adapter with its global rounds (same photos).
+            ledger = SitePrivacyLedger(fed.site_state_dir / site.site_id / LEDGER_FILE)
             adapter = personalise_adapter([a.crop for a in person.accepted], identity, person_ref=person.ref,
                                           global_arrays=arrays, base=base, steps=settings.adapter_steps,
-                                          ledger=site.ledger, actor=ACTOR)
+                                          ledger=site.ledger, actor=ACTOR, privacy_ledger=ledger)
             rec.seconds = time.perf_counter() - t
             p = adapter.privacy
-            ledger = SitePrivacyLedger(fed.site_state_dir / site.site_id / LEDGER_FILE)
             rec.n_crops, rec.steps, rec.epsilon, rec.delta = len(person.accepted), p.steps, p.epsilon, p.delta
             rec.noise_multiplier, rec.sample_rate, rec.global_round = p.noise_multiplier, p.sample_rate, global_round
-            if p.epsilon is not None and abs(p.delta - ledger.delta) < 1e-12:
-                rec.composed_epsilon = ledger.epsilon([(p.noise_multiplier, p.sample_rate, p.steps)])
+            if p.epsilon is not None:
+                rec.composed_epsilon = ledger.epsilon()
             data = adapter_to_bytes(adapter)
             rec.adapter_sha256 = sha256_hex(data)
             item = site.adapters.put(person.ref, "adapter.safetensors", data)
