@@ -72,6 +72,8 @@ class LiraSettings:
     canaries: int = 16
     bootstrap: int = 500
     keep_raw: bool = False
+    workers: int = 1
+    """Processes training adapters at once (each with one torch thread and its own copy of the tiny model)."""
     curve_noise: tuple[float | None, ...] = (None, 4.0, 2.0, 1.0, 0.5)
     curve_steps: int = 30
     seed: int = 0
@@ -177,6 +179,82 @@ def _arm_summary(scores: np.ndarray, valid: np.ndarray, members: np.ndarray, clu
             "n_scores": int(len(s)), "n_members": int(lab.sum()), "n_clusters": int(len(np.unique(photo)))}
 
 
+def _arm_result(arm: ArmSettings, losses_arr: np.ndarray, reports: list, eps: float | None, base: np.ndarray,
+                membership: np.ndarray, person_in: np.ndarray, held: list[int], canary_rows: list[int],
+                inserted: list[int], persons: dict, lira: LiraSettings) -> dict:
+    """One arm's three attacks (per photo, per person, canaries) from its adapters' losses."""
+    from megaportrait.shared.accounting import epsilon, group_history, membership_bound
+
+    scores, valid = lira_scores(losses_arr[:, : lira.pool_size], base[: lira.pool_size], membership)
+    photo_ids = np.broadcast_to(np.arange(lira.pool_size), scores.shape)
+    summary = {**_arm_summary(scores, valid, membership, photo_ids, lira), "settings": asdict(arm),
+               "epsilon_per_photo": eps}
+    summary["roc_scores"] = {"scores": scores[valid].round(4).tolist(), "labels": membership[valid].astype(int).tolist()}
+    if persons:
+        p_scores, p_valid = lira_scores(losses_arr[:, held], base[held], person_in)
+        p_ids = np.broadcast_to(np.arange(len(persons)), p_scores.shape)
+        summary["person_level"] = {**_arm_summary(p_scores, p_valid, person_in, p_ids, lira),
+                                   "people": list(persons),
+                                   "note": f"{len(persons)} real people: the interval over people is wide"}
+    reductions = base[canary_rows][None, :] - losses_arr[:, canary_rows]
+    exposures = [exposure(reductions[a], inserted[a]) for a in range(lira.adapters)]
+    chance = math.log2(len(canary_rows)) - float(np.mean([math.log2(r) for r in range(1, len(canary_rows) + 1)]))
+    summary["canary"] = {"exposure_mean": float(np.mean(exposures)), "exposure_max": float(np.max(exposures)),
+                         "exposure_at_chance": chance, "max_possible": math.log2(len(canary_rows)),
+                         "candidates": len(canary_rows)}
+    if eps is not None:
+        k = max((len(v) - 1 for v in persons.values()), default=1)
+        hist = [(r.noise_multiplier, r.sample_rate, r.steps) for r in reports[:1]]
+        summary["epsilon_per_person"] = epsilon(group_history(hist, k), lira.delta)
+        for level, key in (("", "epsilon_per_photo"), ("person_level", "epsilon_per_person")):
+            target = summary.get(level, {}) if level else summary
+            if "auc" not in target:
+                continue
+            e = summary[key]
+            target["bound_tpr_at_fpr_1pct"] = membership_bound(e, lira.delta, 0.01)
+            target["bound_tpr_at_fpr_0.1pct"] = membership_bound(e, lira.delta, 0.001)
+            target["within_bound"] = bool(target["tpr_at_fpr_1pct"] <= target["bound_tpr_at_fpr_1pct"] + 1e-9
+                                          and target["tpr_at_fpr_0.1pct"] <= target["bound_tpr_at_fpr_0.1pct"]
+                                          + 1e-9)
+    if lira.keep_raw:
+        summary["raw"] = {"losses": losses_arr.tolist(), "base": base.tolist(),
+                          "membership": membership.tolist(), "person_in": person_in.tolist(), "held": held,
+                          "canary_rows": canary_rows, "inserted": inserted}
+    log.info("LiRA %s: AUC %s, epsilon %s", arm.name, summary.get("auc"), eps)
+    return summary
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(rows: list[np.ndarray], lira: LiraSettings) -> None:
+    import torch
+
+    from megaportrait.client.identity import prepare_training_set
+    from megaportrait.shared.base_models import load_base_model
+
+    torch.set_num_threads(1)
+    components = load_base_model(None).components
+    plain = IdentitySettings(resolution=lira.resolution, prior_preservation=False)
+    _WORKER["components"] = components
+    _WORKER["ts"] = sd_like(prepare_training_set(components, rows, plain))
+
+
+def _worker_train(job: tuple) -> tuple:
+    train_rows, arm, a, lira, loss_seed = job
+    return _train_and_score(_WORKER["components"], _WORKER["ts"], train_rows, arm.identity_settings(lira, lira.seed + a),
+                            lira.seed + a, lira, loss_seed)
+
+
+def _worker_pool(rows: list[np.ndarray], lira: LiraSettings):
+    """Worker processes (spawned: no forked OpenMP state), each holding the same model and training set."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=lira.workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(list(rows), lira))
+
+
 def power_verdict(arms: dict[str, dict], min_auc: float) -> tuple[bool, str, dict[str, dict]]:
     """(powered, verdict, the arms to show): without a positive control at AUC >= `min_auc` the audit has no power
     and only the control is shown."""
@@ -197,7 +275,7 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
     same adapters: per photo (offline LiRA on the pool photos), per person (offline LiRA on each person's held-out
     photo: did the adapter train on the person's other photos?) and canary exposure."""
     from megaportrait.client.identity import prepare_training_set
-    from megaportrait.shared.accounting import epsilon, group_history, membership_bound
+    from megaportrait.shared.accounting import epsilon, group_history
     from megaportrait.shared.base_models import load_base_model
 
     if len(pool) < lira.pool_size:
@@ -233,54 +311,27 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
         training.append(np.array(sorted(chosen)))
     held = [person_rows[name][-1] for name in persons]
     arms: dict[str, dict] = {}
-    for arm in lira.arms:
-        losses, eps, reports = [], None, []
-        for a in range(lira.adapters):
-            settings = arm.identity_settings(lira, lira.seed + a)
-            adapted, report = _train_and_score(components, ts, training[a], settings, lira.seed + a, lira, loss_seed)
-            losses.append(adapted)
-            reports.append(report)
-            eps = report.epsilon if report.epsilon is None else max(eps or 0.0, report.epsilon)
-            if advance:
-                advance(arm.steps)
-        losses_arr = np.stack(losses)
-        scores, valid = lira_scores(losses_arr[:, : lira.pool_size], base[: lira.pool_size], membership)
-        photo_ids = np.broadcast_to(np.arange(lira.pool_size), scores.shape)
-        summary = {**_arm_summary(scores, valid, membership, photo_ids, lira), "settings": asdict(arm),
-                   "epsilon_per_photo": eps}
-        summary["roc_scores"] = {"scores": scores[valid].round(4).tolist(), "labels": membership[valid].astype(int).tolist()}
-        if persons:
-            p_scores, p_valid = lira_scores(losses_arr[:, held], base[held], person_in)
-            p_ids = np.broadcast_to(np.arange(len(persons)), p_scores.shape)
-            summary["person_level"] = {**_arm_summary(p_scores, p_valid, person_in, p_ids, lira),
-                                       "people": list(persons),
-                                       "note": f"{len(persons)} real people: the interval over people is wide"}
-        reductions = base[canary_rows][None, :] - losses_arr[:, canary_rows]
-        exposures = [exposure(reductions[a], inserted[a]) for a in range(lira.adapters)]
-        chance = math.log2(len(canaries)) - float(np.mean([math.log2(r) for r in range(1, len(canaries) + 1)]))
-        summary["canary"] = {"exposure_mean": float(np.mean(exposures)), "exposure_max": float(np.max(exposures)),
-                             "exposure_at_chance": chance, "max_possible": math.log2(len(canaries)),
-                             "candidates": len(canaries)}
-        if eps is not None:
-            k = max((len(v) - 1 for v in persons.values()), default=1)
-            hist = [(r.noise_multiplier, r.sample_rate, r.steps) for r in reports[:1]]
-            summary["epsilon_per_person"] = epsilon(group_history(hist, k), lira.delta)
-            for level, key in (("", "epsilon_per_photo"), ("person_level", "epsilon_per_person")):
-                target = summary.get(level, {}) if level else summary
-                if "auc" not in target:
-                    continue
-                e = summary[key]
-                target["bound_tpr_at_fpr_1pct"] = membership_bound(e, lira.delta, 0.01)
-                target["bound_tpr_at_fpr_0.1pct"] = membership_bound(e, lira.delta, 0.001)
-                target["within_bound"] = bool(target["tpr_at_fpr_1pct"] <= target["bound_tpr_at_fpr_1pct"] + 1e-9
-                                              and target["tpr_at_fpr_0.1pct"] <= target["bound_tpr_at_fpr_0.1pct"]
-                                              + 1e-9)
-        if lira.keep_raw:
-            summary["raw"] = {"losses": losses_arr.tolist(), "base": base.tolist(),
-                              "membership": membership.tolist(), "person_in": person_in.tolist(), "held": held,
-                              "canary_rows": canary_rows, "inserted": inserted}
-        arms[arm.name] = summary
-        log.info("LiRA %s: AUC %s, epsilon %s", arm.name, summary.get("auc"), eps)
+    pool_exec = _worker_pool(rows, lira) if lira.workers > 1 else None
+    try:
+        for arm in lira.arms:
+            losses, eps, reports = [], None, []
+            if pool_exec is None:
+                results = (_train_and_score(components, ts, training[a], arm.identity_settings(lira, lira.seed + a),
+                                            lira.seed + a, lira, loss_seed) for a in range(lira.adapters))
+            else:
+                results = pool_exec.map(_worker_train, [(training[a], arm, a, lira, loss_seed)
+                                                        for a in range(lira.adapters)])
+            for adapted, report in results:
+                losses.append(adapted)
+                reports.append(report)
+                eps = report.epsilon if report.epsilon is None else max(eps or 0.0, report.epsilon)
+                if advance:
+                    advance(arm.steps)
+            arms[arm.name] = _arm_result(arm, np.stack(losses), reports, eps, base, membership, person_in, held,
+                                         canary_rows, inserted, persons, lira)
+    finally:
+        if pool_exec is not None:
+            pool_exec.shutdown()
     powered, verdict, arms = power_verdict(arms, lira.control_min_auc)
     curve = privacy_utility_curve(components, persons, lira, epsilon, group_history)
     after = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
