@@ -95,3 +95,17 @@ def test_client_privacy_prints_the_three_units(tmp_path):
         assert unit in out.output
     data = json.loads(CliRunner().invoke(app, ["client", "privacy", "--state-dir", str(tmp_path), "--json"]).output)
     assert data["per_site"] == pytest.approx(accounting.epsilon([(1.0, 1.0, 1)], 1e-5))
+
+
+def test_coordinator_status_prints_each_sites_three_units(tmp_path):
+    from megaportrait.server.coordinator.budget import BudgetLedger
+
+    ledger = BudgetLedger(tmp_path / "budget.json", 64.0)
+    ledger.record_round("site-a", 3.5, 1)
+    ledger.record_federation("site-a", 1.0, 1)
+    ledger.record_federation("site-a", 1.0, 2)
+    out = CliRunner().invoke(app, ["coordinator", "status", "--state-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    site = json.loads(out.output)["privacy"]["site-a"]
+    assert site["per_photo"] == 3.5 and site["per_site"] == pytest.approx(7.077, abs=0.01)
+    assert site["per_person_at_most"] == site["per_site"] and site["delta"] == 1e-5
