@@ -109,3 +109,28 @@ def test_coordinator_status_prints_each_sites_three_units(tmp_path):
     site = json.loads(out.output)["privacy"]["site-a"]
     assert site["per_photo"] == 3.5 and site["per_site"] == pytest.approx(7.077, abs=0.01)
     assert site["per_person_at_most"] == site["per_site"] and site["delta"] == 1e-5
+
+
+def test_a_personal_adapter_is_composed_into_the_site_ledger_and_refused_over_budget(tmp_path, astronaut):
+    import cv2
+
+    from megaportrait.shared.config import IdentitySettings
+
+    crops = [cv2.resize(astronaut[30:230, 150:350], (64, 64)) for _ in range(3)]
+    hashes = ["a" * 64, "b" * 64, "c" * 64]
+    settings = IdentitySettings(steps=2, noise_multiplier=1.0)
+    global0, _, _ = federation.initial_global_arrays(settings, seed=0)
+    ledger = federation.SitePrivacyLedger(tmp_path / federation.LEDGER_FILE)
+    ledger.record(2.0, 1.0, 4)
+    before = ledger.epsilon()
+    with pytest.raises(federation.SiteError, match="per-photo epsilon") as info:
+        federation.personalise_adapter(crops, settings, person_ref="p" * 64, global_arrays=global0,
+                                       photo_sha256=hashes, privacy_ledger=ledger, per_photo_budget=before)
+    assert info.value.reason == "privacy_budget" and ledger.personal == []
+    adapter = federation.personalise_adapter(crops, settings, person_ref="p" * 64, global_arrays=global0,
+                                             photo_sha256=hashes, privacy_ledger=ledger, per_photo_budget=64.0)
+    again = federation.SitePrivacyLedger(tmp_path / federation.LEDGER_FILE)
+    p = adapter.privacy
+    assert again.personal == [(p.noise_multiplier, p.sample_rate, p.steps)]
+    assert again.epsilon() == pytest.approx(accounting.epsilon([(2.0, 1.0, 4), again.personal[0]], 1e-5))
+    assert again.epsilon() > before
