@@ -257,7 +257,8 @@ def noised_unweighted_mean(wrapper: DifferentialPrivacyClientSideFixedClipping
         aggregated = ndarrays_to_parameters(add_secure_gaussian(parameters_to_ndarrays(aggregated), stddev))
         log.info("round %d: unweighted mean of %d clipped update(s), central noise stddev %.4g (= %g * %.4g / %d)",
                  server_round, n, stddev, wrapper.noise_multiplier, clipping_norm, n)
-    record.update({"noise_stddev": stddev, "effective_noise_multiplier": float(wrapper.noise_multiplier),
+    accounted = float(getattr(wrapper, "accounted_noise_multiplier", wrapper.noise_multiplier))
+    record.update({"noise_stddev": stddev, "effective_noise_multiplier": min(accounted, wrapper.noise_multiplier),
                    "noise_added_by": "coordinator"})
     return aggregated, metrics, record
 
@@ -299,21 +300,25 @@ def build_strategy(run_config: dict[str, Any], initial_arrays: list[np.ndarray],
     if mode == "fixed":
         wrapper: DPWrapper = ClientSideFixedClipping(inner, noise_multiplier=noise, clipping_norm=norm,
                                                      num_sampled_clients=min_sites)
-        return _with_dp_mode(wrapper, secure, min_sites)
+        return _with_dp_mode(wrapper, secure, min_sites, noise)
     stddev = str(run_config.get("clipped-count-stddev", "auto"))
     try:
         return _with_dp_mode(ClientSideAdaptiveClipping(
             inner, noise_multiplier=noise, num_sampled_clients=min_sites, initial_clipping_norm=norm,
             target_clipped_quantile=float(run_config.get("clipping-target-quantile", 0.5)),
             clip_norm_lr=float(run_config.get("clipping-norm-lr", 0.2)),
-            clipped_count_stddev=None if stddev == "auto" else float(stddev)), secure, min_sites)
+            clipped_count_stddev=None if stddev == "auto" else float(stddev)), secure, min_sites, noise)
     except ValueError as exc:
         raise ConfigError(f"adaptive clipping: {exc} (run config server-noise-multiplier, clipped-count-stddev, "
                           "clipping-norm, clipping-target-quantile, clipping-norm-lr)") from exc
 
 
-def _with_dp_mode(wrapper: DPWrapper, secure_aggregation: bool, min_sites: int) -> DPWrapper:
-    """Distributed DP (noise at the sites, before masking) under SecAgg+; central DP (noise here) otherwise."""
+def _with_dp_mode(wrapper: DPWrapper, secure_aggregation: bool, min_sites: int, noise: float) -> DPWrapper:
+    """Distributed DP (noise at the sites, before masking) under SecAgg+; central DP (noise here) otherwise.
+    `accounted_noise_multiplier` is the run config's z: with adaptive clipping Flower raises the update's own
+    multiplier so that the update and the noised clipped count together have multiplier z, which is what is
+    accounted."""
+    wrapper.accounted_noise_multiplier = float(noise)  # type: ignore[union-attr]
     wrapper.dp_mode = "distributed" if secure_aggregation else "central"  # type: ignore[union-attr]
     wrapper.min_sites = int(min_sites)  # type: ignore[union-attr]
     wrapper.sent_arrays = None  # type: ignore[union-attr]
@@ -361,7 +366,8 @@ class SiteBudgetStrategy(Strategy):
         self.fit_config.setdefault("clipping", "adaptive" if isinstance(inner, ClientSideAdaptiveClipping)
                                    else "fixed")
         self.fit_config.update({"dp-mode": getattr(inner, "dp_mode", "central"),
-                                "federation-noise-multiplier": float(inner.noise_multiplier),
+                                "federation-noise-multiplier": float(getattr(inner, "accounted_noise_multiplier",
+                                                                             inner.noise_multiplier)),
                                 "min-sites": int(min_sites)})
         self.query_timeout = query_timeout
         self.on_round = on_round
