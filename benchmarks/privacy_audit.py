@@ -24,6 +24,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--photos-per-adapter", type=int, default=3, help="pool photos per adapter (besides the "
+                        "people drawn in and the canary)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval/privacy_audit.json"))
     args = parser.parse_args()
@@ -32,7 +34,7 @@ def main() -> None:
     pool, labels = face_pool(photos_in([args.data / "hard", args.data / "templates"]), analyzer, size=64)
     people = {p.name: face_pool(photos_in([p]), analyzer, size=64)[0] for p in sorted((args.data / "people").iterdir())
               if p.is_dir()}
-    lira = LiraSettings(adapters=args.adapters, workers=args.workers)
+    lira = LiraSettings(adapters=args.adapters, workers=args.workers, photos_per_adapter=args.photos_per_adapter)
     started = time.time()
     with Progress() as progress:
         task = progress.add_task("LiRA adapters (steps)", total=lira.adapters * sum(a.steps for a in lira.arms))
