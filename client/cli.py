@@ -153,15 +153,19 @@ def personalise(person_dir: Path = typer.Argument(..., help="Photos of one conse
                 person_ref: str = typer.Option(..., help="Pseudonymous reference (a hash), never a name."),
                 site_id: str = typer.Option(..., envvar="MEGAPORTRAIT_SITE_ID", help=SITE_ID_HELP),
                 steps: Optional[int] = typer.Option(None),
-                config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)) -> None:
+                config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+                privacy_policy: Optional[Path] = typer.Option(None, help="The site's privacy policy (epsilon "
+                                                              "budgets); default policies/privacy.yaml.")) -> None:
     """Fine-tune a per-person adapter from the latest global adapter, locally, with the person's personal_adapter
     consent (checked in the site's consent ledger before and after training). Expired site data is swept first. The
     adapter goes to <state-dir>/adapters/<person-ref>/, where the retention sweeper deletes it once
     `personal_adapters.keep` has passed. Nothing is sent anywhere."""
     from megaportrait.client.faces import intake_photos
-    from megaportrait.client.federation import load_global_adapter, personalise_adapter
+    from megaportrait.client.federation import LEDGER_FILE, SitePrivacyLedger, load_global_adapter, \
+        personalise_adapter
     from megaportrait.client.retention import adapter_store
     from megaportrait.shared.adapters import adapter_to_bytes
+    from megaportrait.shared.policy import DEFAULT_PRIVACY_POLICY, load_privacy_policy
     from megaportrait.shared.config import FaceSettings
     from megaportrait.shared.errors import MegaPortraitError
 
@@ -194,8 +198,12 @@ def personalise(person_dir: Path = typer.Argument(..., help="Photos of one conse
         for origin, reason in report.reasons().items():
             typer.echo(f"rejected {Path(origin).name}: {reason}")
         try:
+            policy = load_privacy_policy(DEFAULT_PRIVACY_POLICY if privacy_policy is None else privacy_policy)
+            privacy_ledger = SitePrivacyLedger(state_dir / LEDGER_FILE, policy.rules.accountant, policy.rules.delta)
             adapter = personalise_adapter(report.crops, settings, person_ref=person_ref, global_arrays=arrays,
-                                          steps=steps, progress=True, ledger=sweeper.ledger, actor="operator:cli")
+                                          steps=steps, progress=True, ledger=sweeper.ledger, actor="operator:cli",
+                                          privacy_ledger=privacy_ledger,
+                                          per_photo_budget=policy.budgets.per_photo)
         except MegaPortraitError as exc:  # too few usable photos, consent missing or ended: nothing is written
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
@@ -223,13 +231,28 @@ def sweep(site_id: str = typer.Option(..., envvar="MEGAPORTRAIT_SITE_ID", help=S
 
 
 @client.command()
-def privacy(state_dir: Path = typer.Option(..., help="The site's state folder.")) -> None:
-    """This site's cumulative epsilon for the global adapter, from its Opacus accountant history."""
+def privacy(state_dir: Path = typer.Option(..., help="The site's state folder."),
+            privacy_policy: Optional[Path] = typer.Option(None, help="The site's privacy policy (budgets); default "
+                                                                       "policies/privacy.yaml."),
+            as_json: bool = typer.Option(False, "--json", help="JSON instead of lines.")) -> None:
+    """This site's epsilon in the three units (per photo, per person, per site), from its Opacus accountant
+    histories (global rounds, personal adapters, federation noise), beside its budgets."""
     from megaportrait.client.federation import LEDGER_FILE, SitePrivacyLedger
+    from megaportrait.shared.policy import DEFAULT_PRIVACY_POLICY, load_privacy_policy
 
-    ledger = SitePrivacyLedger(state_dir / LEDGER_FILE)
-    typer.echo(json.dumps({"epsilon": ledger.epsilon(), "delta": ledger.delta, "accountant": ledger.accountant,
-                           "releases": len(ledger.history), "rounds": ledger.rounds}, indent=1))
+    policy = load_privacy_policy(DEFAULT_PRIVACY_POLICY if privacy_policy is None else privacy_policy)
+    ledger = SitePrivacyLedger(state_dir / LEDGER_FILE, policy.rules.accountant, policy.rules.delta)
+    figures = ledger.figures()
+    if as_json:
+        typer.echo(json.dumps({**figures.to_json(), "budgets": policy.budgets.model_dump(),
+                               "global_rounds": len(ledger.history), "personal_adapters": len(ledger.personal),
+                               "rounds": ledger.rounds}, indent=1))
+        return
+    budgets = policy.budgets
+    for line, unit in zip(figures.lines(), ("per_photo", "per_person", "per_site", None)):
+        typer.echo(line + (f" / budget {getattr(budgets, unit):g}" if unit else ""))
+    typer.echo(f"{len(ledger.history)} global round(s), {len(ledger.personal)} personal adapter(s) on this site's "
+               "photos")
 
 
 from .site_cli import register as _register_site_commands  # noqa: E402 - typer-level only

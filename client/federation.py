@@ -7,9 +7,12 @@ Two levels of adapter, and only one of them is federated:
   ("a photo of person"), with no identity token. It learns what the sites' photos share (faces, framing, lighting
   of real portrait photos) and is averaged across sites by the coordinator. Each round a site trains it locally
   with Opacus DP-SGD (per-photo clipping and noise, `client.identity.train_lora`), Flower's client-side clipping
-  mod (`fixedclipping_mod`, or `adaptiveclipping_mod` when the coordinator runs adaptive clipping) clips the
-  site's whole update to the coordinator's clipping norm (the coordinator adds central noise), and with secure
-  aggregation `secaggplus_mod` masks the update so the coordinator only ever sees the sum over sites.
+  mod (`fixedclipping_mod`, or `adaptiveclipping_mod` when the coordinator runs adaptive clipping, only without
+  SecAgg+) clips the site's whole update to the coordinator's clipping norm; with secure aggregation the site then
+  adds its share of the federation's Gaussian noise (distributed DP, `clipping_mod`) and `secaggplus_mod` masks the
+  update, so the coordinator only ever sees the noised sum over sites (without SecAgg+ the coordinator adds the
+  noise). Every release is composed in the site's `SitePrivacyLedger` in three units (per photo, per person, per
+  site; deploy/docs/privacy.md), and the site declines a round that would cross a budget of its own privacy policy.
 - **Per-person adapters** (never federated). `personalise_adapter` starts from the latest global adapter this site
   received and fine-tunes it on one person's crops with the identity prompt ("a photo of sks person"). The result
   is an `IdentityAdapter` kept at the site (or sealed to a render node by client/payload.py under consent); no
@@ -31,13 +34,14 @@ What leaves the site, per round (and nothing else; `outbox_audit_mod` writes eve
   shapes the coordinator sent, with aggregation weight (`num_examples`) 1, whatever the number of crops: the
   coordinator's central noise covers the unweighted mean of the sites' clipped updates (a declined round sends
   back the arrays it received, with weight 0);
-- a metrics record: `site-id`, `epsilon` (cumulative, from the Opacus accountant), `delta`, `steps`,
-  `n-examples` (number of crops), `round-loss`, `declined`, `decline-reason`, `audit-checkpoint` (the signed size
-  and head hash of the site's audit log, which the coordinator keeps as its witness; hashes only); with adaptive
-  clipping also Flower's `norm_bit` (whether the update was clipped; the coordinator noises the count);
+- a metrics record: `site-id`, `epsilon` (cumulative per-photo figure, from the Opacus accountant), `delta`,
+  `steps`, `n-examples` (the number of crops rounded down to a power of ten, `examples_bucket`), `declined`,
+  `decline-reason`, `audit-checkpoint` (the signed size and head hash of the site's audit log, which the coordinator
+  keeps as its witness; hashes only); no training loss; with adaptive clipping (only without SecAgg+, to a trusted
+  coordinator) also Flower's `norm_bit` (whether the update was clipped; the coordinator noises the count);
 - answers to the coordinator's budget query: `site-id`, `epsilon`, `epsilon-next` (what the accountant says the
-  next round would bring the site to), `n-examples`, `declined`, `decline-reason`, `audit-checkpoint` (as above: a
-  site that declines every round is witnessed too);
+  next round would bring the site to), `n-examples` (bucketed), `declined`, `decline-reason`, `audit-checkpoint` (as
+  above: a site that declines every round is witnessed too);
 - under SecAgg+, the protocol's public keys, encrypted key shares and masked vectors.
 
 Photos, crops, embeddings, per-person adapters, person refs and file names never leave.
@@ -59,6 +63,7 @@ Where a site's photos and consent records are (read from the Flower context, nev
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -77,6 +82,7 @@ from flwr.client import NumPyClient
 from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
 from megaportrait.shared.audit import WitnessStore
@@ -86,8 +92,7 @@ from megaportrait.shared.errors import MegaPortraitError
 log = logging.getLogger("megaportrait.client.federation")
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-METRIC_KEYS = ("site-id", "epsilon", "delta", "steps", "n-examples", "round-loss", "declined", "decline-reason",
-               "audit-checkpoint")
+METRIC_KEYS = ("site-id", "epsilon", "delta", "steps", "n-examples", "declined", "decline-reason", "audit-checkpoint")
 WITNESS_DIR = "witness"
 """Under the site's state dir: the coordinator's audit checkpoints, kept as its witness (`shared.audit.WitnessStore`)."""
 PROPERTY_KEYS = ("site-id", "epsilon", "epsilon-next", "n-examples", "declined", "decline-reason", "audit-checkpoint")
@@ -98,7 +103,14 @@ FEDERATED_TRAINING = FEDERATED_TRAINING_PURPOSE
 """The consent purpose a person's photos need to take part in a round (policies/consent.yaml)."""
 CONSENT_ACTOR = "federation-client"
 """Who the site's consent checks and round entries are recorded as, in its audit log."""
-DECLINE_REASONS = ("consent_not_configured", "no_consented_person", "no_usable_photo")
+DECLINE_REASONS = ("consent_not_configured", "no_consented_person", "no_usable_photo", "privacy_budget")
+DP_MODES = ("distributed", "central")
+"""Where the federation's noise is added: at each site before SecAgg+ masking, or at the coordinator in the clear."""
+
+
+def examples_bucket(n: int) -> int:
+    """The crop count as it leaves the site: rounded down to a power of ten (0, 1, 10, 100, ...), never exact."""
+    return 0 if n <= 0 else 10 ** int(math.floor(math.log10(n)))
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "policies" / "consent.yaml"
 UNCHECKED = "unchecked"
 """Run config `sim-consent` value: simulated sites use every person folder without a consent check (warned)."""
@@ -176,6 +188,7 @@ class SiteConfig:
     state_dir: Path
     consent: SiteConsent | None = None
     consent_unchecked: bool = False
+    privacy_policy: Path | None = None
 
     @property
     def outbox_dir(self) -> Path:
@@ -212,8 +225,9 @@ def site_from_context(context: Context) -> SiteConfig:
     if not data_dir.is_dir():
         raise SiteError(f"site data folder {data_dir} does not exist", reason="site_config")
     state_dir.mkdir(parents=True, exist_ok=True)
+    policy = str(node.get("privacy-policy", "") or "")
     return SiteConfig(site_id=site_id, data_dir=data_dir, state_dir=state_dir, consent=consent,
-                      consent_unchecked=unchecked)
+                      consent_unchecked=unchecked, privacy_policy=Path(policy).expanduser() if policy else None)
 
 
 def consent_from_node_config(node: dict[str, Any], state_dir: Path) -> SiteConsent | None:
@@ -393,11 +407,14 @@ def consented_round_data(site: SiteConfig, crop_size: int, *, stage: str) -> Rou
 
 
 class SitePrivacyLedger:
-    """Every DP-SGD release this site made for the global adapter, and the epsilon they add up to.
+    """Every DP release this site made, in the three units of `shared.accounting`.
 
-    The history is Opacus' own accountant history, (noise_multiplier, sample_rate, steps) per training run;
-    epsilon is always `accountant.get_epsilon(delta)` over it, never summed by hand. Stored as JSON in the site's
-    state folder, so it survives rounds, runs and restarts (each ClientApp call may be a fresh process).
+    `history`: the global adapter's local DP-SGD runs; `personal`: personal adapters trained on the site's photos;
+    `federation`: the federation's noise on each round the site's update went into (per-site unit). All three are
+    Opacus accountant histories, (noise_multiplier, sample_rate, steps) per run; epsilon is always
+    `accountant.get_epsilon(delta)` over them, never summed by hand. `largest_person` is the most photos any one
+    person contributed to a round (the group size of the per-person figure). Stored as JSON in the site's state
+    folder, so it survives rounds, runs and restarts (each ClientApp call may be a fresh process).
     """
 
     def __init__(self, path: Path, accountant: str = "rdp", delta: float = 1e-5) -> None:
@@ -405,37 +422,80 @@ class SitePrivacyLedger:
         self.accountant = accountant
         self.delta = delta
         self.history: list[tuple[float, float, int]] = []
+        self.personal: list[tuple[float, float, int]] = []
+        self.federation: list[tuple[float, float, int]] = []
+        self.largest_person = 1
         self.rounds: list[dict[str, Any]] = []
         if self.path.is_file():
             data = json.loads(self.path.read_text())
             self.accountant, self.delta = data["accountant"], float(data["delta"])
             self.history = [(float(a), float(b), int(c)) for a, b, c in data["history"]]
+            self.personal = [(float(a), float(b), int(c)) for a, b, c in data.get("personal", [])]
+            self.federation = [(float(a), float(b), int(c)) for a, b, c in data.get("federation", [])]
+            self.largest_person = int(data.get("largest_person", 1))
             self.rounds = list(data.get("rounds", []))
         if delta != self.delta:
             log.warning("privacy ledger %s keeps delta %g (asked for %g): one delta per ledger", path, self.delta,
                         delta)
 
     def epsilon(self, extra: Sequence[tuple[float, float, int]] = ()) -> float:
-        """Cumulative epsilon at the ledger's delta, with `extra` releases added hypothetically."""
-        history = self.history + list(extra)
-        if not history:
-            return 0.0
-        from opacus.accountants import create_accountant
+        """Cumulative per-photo epsilon (global rounds and personal adapters) at the ledger's delta, with `extra`
+        local DP-SGD releases added hypothetically."""
+        from megaportrait.shared.accounting import epsilon
 
-        acc = create_accountant(self.accountant)
-        acc.history = list(history)
-        return float(acc.get_epsilon(self.delta))
+        return epsilon(self.history + self.personal + list(extra), self.delta, self.accountant)
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int, **where: Any) -> float:
-        """Append one training run's release, write the ledger atomically and return the new epsilon."""
+    def figures(self, *, extra_global: Sequence[tuple[float, float, int]] = (),
+                extra_federation: Sequence[tuple[float, float, int]] = (), largest_person: int | None = None) -> Any:
+        """The site's `PrivacyFigures` (per photo, per person, per site), with hypothetical releases added."""
+        from megaportrait.shared.accounting import figures
+
+        k = max(self.largest_person, largest_person or 1)
+        return figures(self.history + list(extra_global), self.personal, self.federation + list(extra_federation),
+                       k, self.delta, self.accountant)
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int, *,
+               federation: tuple[float, float, int] | None = None, largest_person: int | None = None,
+               **where: Any) -> float:
+        """Append one global round's local DP-SGD release (and the federation noise it goes under), write the
+        ledger atomically and return the new per-photo epsilon."""
         self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        if federation is not None:
+            self.federation.append(tuple(federation))  # type: ignore[arg-type]
+        if largest_person:
+            self.largest_person = max(self.largest_person, int(largest_person))
+        return self._save({"kind": "global", **where})
+
+    def record_personal(self, noise_multiplier: float, sample_rate: float, steps: int, **where: Any) -> float:
+        """Append one personal adapter's release (trained on this site's photos) and return the per-photo epsilon."""
+        self.personal.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        return self._save({"kind": "personal", **where})
+
+    def _save(self, where: dict[str, Any]) -> float:
         eps = self.epsilon()
         self.rounds.append({**where, "epsilon": eps, "at": time.time()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"accountant": self.accountant, "delta": self.delta,
-                                   "history": self.history, "rounds": self.rounds}, indent=1))
+        tmp.write_text(json.dumps({"accountant": self.accountant, "delta": self.delta, "history": self.history,
+                                   "personal": self.personal, "federation": self.federation,
+                                   "largest_person": self.largest_person, "rounds": self.rounds}, indent=1))
         os.replace(tmp, self.path)
         return eps
+
+
+def site_privacy_policy(site: "SiteConfig", run_config: dict[str, Any]) -> Any:
+    """The site's own privacy policy (its budgets): node config `privacy-policy`, else run config
+    `privacy-policy`, else `$MEGAPORTRAIT_CONFIG`'s `policy.privacy_file` when that variable is set, else the
+    checkout's policies/privacy.yaml."""
+    from megaportrait.shared.policy import DEFAULT_PRIVACY_POLICY, load_privacy_policy
+
+    path = str(site.privacy_policy or run_config.get("privacy-policy", "") or "")
+    if not path and os.environ.get("MEGAPORTRAIT_CONFIG"):
+        from megaportrait.shared.config import load_settings
+
+        path = str(load_settings().policy.privacy_file)
+    path = path or str(DEFAULT_PRIVACY_POLICY)
+    return load_privacy_policy(Path(path).expanduser())
 
 
 # --- training plan (from the run config, one place) --------------------------------------------------------
@@ -517,17 +577,43 @@ class GlobalAdapterClient(NumPyClient):
         self.run_id = run_id
         self.settings = identity_settings_from_run_config(run_config)
         self.local_steps = int(run_config.get("local-steps", 4))
-        self.ledger = SitePrivacyLedger(site.state_dir / LEDGER_FILE, self.settings.accountant, self.settings.delta)
+        self.policy = site_privacy_policy(site, run_config)
+        self.ledger = SitePrivacyLedger(site.state_dir / LEDGER_FILE, self.policy.rules.accountant,
+                                        self.policy.rules.delta)
 
-    def _round_data(self, stage: str) -> RoundData:
-        return consented_round_data(self.site, self.settings.resolution, stage=stage)
+    def _round_data(self, stage: str, config: dict[str, Any] | None = None) -> RoundData:
+        """The consented people's crops, or a decline; `privacy_budget` when one more round (with `config`'s
+        steps and federation noise) would take the site past a budget of its own privacy policy."""
+        from dataclasses import replace
+
+        data = consented_round_data(self.site, self.settings.resolution, stage=stage)
+        if data.declined or config is None:
+            return data
+        over = self._over_budget(data.crops, config)
+        if over:
+            log.warning("site %s declines (%s): %s", self.site.site_id, stage, over)
+            return replace(data, declined="privacy_budget")
+        return data
+
+    def _over_budget(self, crops: "SiteCrops", config: dict[str, Any]) -> str:
+        """Which of the site's budgets (per photo, per person, per site) one more round would cross, or ""."""
+        steps = int(config.get("local-steps", self.local_steps))
+        z = float(config.get("federation-noise-multiplier", 0.0))
+        largest = max(collections.Counter(crops.person).values())
+        after = self.ledger.figures(extra_global=[self._next_release(len(crops), steps)],
+                                    extra_federation=[(z, 1.0, 1)], largest_person=largest)
+        budgets = self.policy.budgets
+        crossed = [f"{unit} epsilon {getattr(after, unit):.3g} > budget {getattr(budgets, unit):g}"
+                   for unit in ("per_photo", "per_person", "per_site")
+                   if getattr(after, unit) > getattr(budgets, unit)]
+        return "; ".join(crossed)
 
     def _next_release(self, n: int, steps: int) -> tuple[float, float, int]:
         return (float(self.settings.noise_multiplier), planned_sample_rate(n, self.settings.batch_size), steps)
 
     def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
         steps = int(config.get("local-steps", self.local_steps))
-        data = self._round_data("budget-query")
+        data = self._round_data("budget-query", config)
         eps = self.ledger.epsilon()
         if data.declined:
             checkpoint = self._audit_round(int(config.get("server-round", 0)), "refused", data,
@@ -536,8 +622,9 @@ class GlobalAdapterClient(NumPyClient):
                     "declined": 1, "decline-reason": data.declined, "audit-checkpoint": checkpoint}
         n = len(data.crops)
         return {"site-id": self.site.site_id, "epsilon": eps,
-                "epsilon-next": self.ledger.epsilon([self._next_release(n, steps)]), "n-examples": n,
-                "declined": 0, "decline-reason": "", "audit-checkpoint": self._audit_checkpoint()}
+                "epsilon-next": self.ledger.epsilon([self._next_release(n, steps)]),
+                "n-examples": examples_bucket(n), "declined": 0, "decline-reason": "",
+                "audit-checkpoint": self._audit_checkpoint()}
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         raise SiteError("sites do not provide initial parameters; the coordinator builds the global adapter",
@@ -547,7 +634,7 @@ class GlobalAdapterClient(NumPyClient):
         steps = int(config.get("local-steps", self.local_steps))
         server_round = int(config.get("server-round", 0))
         WitnessStore(self.site.state_dir / WITNESS_DIR).keep_text(str(config.get("audit-checkpoint", "")))  # coordinator's
-        data = self._round_data("train")
+        data = self._round_data("train", config)
         if data.declined:
             return self._decline(parameters, server_round, data)
         crops = data.crops
@@ -556,7 +643,8 @@ class GlobalAdapterClient(NumPyClient):
         budget = float(config.get("epsilon-budget", math.inf))
         if projected > budget:
             raise SiteError(f"site {self.site.site_id}: round {server_round} would bring epsilon to {projected:.3g}, "
-                            f"over the budget {budget:.3g}; refusing to train", reason="budget_exhausted")
+                            f"over the coordinator's budget {budget:.3g}; refusing to train",
+                            reason="budget_exhausted")
 
         import torch
 
@@ -579,17 +667,19 @@ class GlobalAdapterClient(NumPyClient):
         finally:
             detach_lora(unet)
         # The release happened: account for it before anything is sent.
+        z_fed = float(config.get("federation-noise-multiplier", 0.0))
         eps = self.ledger.record(report.noise_multiplier, report.sample_rate, report.steps, run=str(self.run_id),
-                                 round=server_round, n_examples=len(crops))
+                                 round=server_round, n_examples=len(crops), federation=(z_fed, 1.0, 1),
+                                 largest_person=max(collections.Counter(crops.person).values()))
         checkpoint = self._audit_round(server_round, "ok", data, detail={"stage": "train", "epsilon": eps,
                                                                         "steps": report.steps, "n_examples": len(crops)},
                                        photos=sorted(set(crops.photo_sha256)))
-        finite = [x for x in losses if not math.isnan(x)]
         log.info("site %s round %d: %d crops of %d consented people, %d DP steps, epsilon %.3g", self.site.site_id,
                  server_round, len(crops), len(data.people), report.steps, eps)
-        metrics = {"site-id": self.site.site_id, "epsilon": eps, "delta": report.delta, "steps": report.steps,
-                   "n-examples": len(crops), "round-loss": float(np.mean(finite)) if finite else float("nan"),
-                   "declined": 0, "decline-reason": "", "audit-checkpoint": checkpoint}
+        # Nothing unaccounted leaves: no training loss, the crop count only as a power-of-ten bucket.
+        metrics = {"site-id": self.site.site_id, "epsilon": eps, "delta": self.ledger.delta, "steps": report.steps,
+                   "n-examples": examples_bucket(len(crops)), "declined": 0, "decline-reason": "",
+                   "audit-checkpoint": checkpoint}
         return arrays, len(crops), metrics
 
     def _decline(self, parameters: list[np.ndarray], server_round: int, data: RoundData
@@ -599,7 +689,7 @@ class GlobalAdapterClient(NumPyClient):
         checkpoint = self._audit_round(server_round, "refused", data, detail={"stage": "train", "reason": data.declined})
         log.warning("site %s declines round %d: %s", self.site.site_id, server_round, data.declined)
         metrics = {"site-id": self.site.site_id, "epsilon": self.ledger.epsilon(), "delta": self.ledger.delta,
-                   "steps": 0, "n-examples": 0, "round-loss": float("nan"), "declined": 1,
+                   "steps": 0, "n-examples": 0, "declined": 1,
                    "decline-reason": data.declined, "audit-checkpoint": checkpoint}
         return [np.asarray(a) for a in parameters], 0, metrics
 
@@ -717,7 +807,13 @@ def clipping_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
     the `n-examples` metric.
 
     A declined reply carries the received arrays unchanged: there is no update to clip (Flower's mods would divide
-    by its zero norm), so it is handed on as the site built it (weight 0)."""
+    by its zero norm), so it is handed on as the site built it (weight 0).
+
+    Distributed DP (`dp-mode = "distributed"`, the coordinator's choice under SecAgg+): after clipping to C, the
+    site adds its share of the federation's Gaussian noise, stddev z * C / sqrt(min-sites), drawn from
+    `os.urandom` (`shared.dp_noise`), before `secaggplus_mod` masks the update. With at least `min-sites` sites in
+    the sum (the coordinator drops a round with fewer) the unmasked sum carries noise of stddev >= z * C, so the
+    coordinator never sees an un-noised sum."""
     if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
         return call_next(msg, ctx)
     config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
@@ -743,8 +839,35 @@ def clipping_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
         return out
     res = compat.recorddict_to_fitres(out.content, keep_input=True)
     res.num_examples = UNIT_WEIGHT
+    dp_mode = str(config.get("dp-mode", "central"))
+    if dp_mode not in DP_MODES:
+        raise SiteError(f"coordinator asked for dp-mode {dp_mode!r}; this site knows {', '.join(DP_MODES)}",
+                        reason="site_config")
+    if dp_mode == "distributed":
+        res.parameters = ndarrays_to_parameters(add_distributed_noise(parameters_to_ndarrays(res.parameters),
+                                                                      config))
     out.content = compat.fitres_to_recorddict(res, keep_input=True)
     return out
+
+
+def distributed_noise_stddev(config: dict[str, Any]) -> float:
+    """This site's share of the federation noise: z * C / sqrt(min-sites), from the round's instructions."""
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    z = float(config.get("federation-noise-multiplier", 0.0))
+    norm = float(config.get(KEY_CLIPPING_NORM, 0.0))
+    n_min = int(config.get("min-sites", 0))
+    if not (z > 0 and norm > 0 and n_min >= 1):
+        raise SiteError(f"distributed DP needs federation-noise-multiplier > 0, a clipping norm and min-sites >= 1 in "
+                        f"the round's instructions (got {z}, {norm}, {n_min})", reason="site_config")
+    return z * norm / math.sqrt(n_min)
+
+
+def add_distributed_noise(arrays: list[np.ndarray], config: dict[str, Any]) -> list[np.ndarray]:
+    """The clipped update with this site's share of the noise added, from the OS CSPRNG."""
+    from megaportrait.shared.dp_noise import add_secure_gaussian
+
+    return add_secure_gaussian(arrays, distributed_noise_stddev(config))
 
 
 CLIPPING_MODES = ("fixed", "adaptive")
@@ -771,7 +894,8 @@ def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, p
                         global_arrays: Sequence[np.ndarray], photo_sha256: Sequence[str] | None = None,
                         base: Any = None, steps: int | None = None, progress: bool = False,
                         dp_noise_seed: int | None = None, ledger: Any = None,
-                        actor: str = "site") -> "IdentityAdapter":  # noqa: F821
+                        actor: str = "site", privacy_ledger: "SitePrivacyLedger | None" = None,
+                        per_photo_budget: float | None = None) -> "IdentityAdapter":  # noqa: F821
     """A person's adapter, fine-tuned locally from the global adapter on that person's crops with the identity
     prompt. It stays at the site: nothing here sends it, and the federated client never reads it.
 
@@ -779,7 +903,8 @@ def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, p
     training and again after it (consent ended meanwhile: the adapter is discarded and the ConsentError raised),
     as `client.identity.train_identity_adapter` does. Without it the caller must have checked consent.
     The returned PrivacyReport covers this personalisation run only; the person's photos also took part in the
-    site's global rounds, whose epsilon is in the site's privacy ledger.
+    site's global rounds. With `privacy_ledger` (the site's) the run is composed into it, and with
+    `per_photo_budget` a run that would take the site's per-photo epsilon past it is refused before training.
     """
     from megaportrait.client.identity import _validated_crops, attach_lora, detach_lora, lora_state_dict, \
         prepare_training_set, set_lora_arrays, train_lora
@@ -789,6 +914,14 @@ def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, p
     if ledger is not None:
         ledger.require(person_ref, PERSONAL_ADAPTER_PURPOSE, actor=actor)
     arrays, hashes = _validated_crops(crops, photo_sha256)
+    if privacy_ledger is not None and per_photo_budget is not None and settings.dp_enabled:
+        planned = (float(settings.noise_multiplier or 0.0), planned_sample_rate(len(arrays), settings.batch_size),
+                   int(steps if steps is not None else settings.steps))
+        projected = privacy_ledger.epsilon([planned])
+        if projected > per_photo_budget:
+            raise SiteError(f"personal adapter refused: it would take the site's per-photo epsilon to "
+                            f"{projected:.3g}, over its budget {per_photo_budget:g} (policies/privacy.yaml)",
+                            reason="privacy_budget")
     base = base if base is not None else load_base(settings, 0)
     ts = prepare_training_set(base.components, arrays, settings)
     unet = attach_lora(base.components["unet"], settings)
@@ -805,6 +938,12 @@ def personalise_adapter(crops: Sequence[Any], settings: "IdentitySettings", *, p
         except ConsentError:
             state.clear()  # consent ended during training: the adapter is not kept
             raise
+    if privacy_ledger is not None:
+        if report.epsilon is None:
+            privacy_ledger.record_personal(0.0, report.sample_rate, report.steps, person=person_ref[:12])
+        else:
+            privacy_ledger.record_personal(report.noise_multiplier, report.sample_rate, report.steps,
+                                           person=person_ref[:12])
     return IdentityAdapter(person_ref=person_ref, token=settings.token, rank=settings.rank, alpha=settings.alpha,
                            target_modules=tuple(settings.target_modules), lora_state=state, base_model=base.ref,
                            privacy=report, photo_sha256=hashes)

@@ -112,6 +112,7 @@ class PolicySettings(_Section):
 
     consent_file: Path = Path("policies/consent.yaml")
     retention_file: Path = Path("policies/retention.yaml")
+    privacy_file: Path = Path("policies/privacy.yaml")  # epsilon budgets per photo, person and site
     consent_ledger: Path = Path("runs/site/consent.sqlite")
     audit_log: Path = Path("runs/audit/audit.jsonl")
     audit_key: Path = Path("runs/audit/signing.key")

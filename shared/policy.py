@@ -1,7 +1,8 @@
-"""Consent and retention policies: two YAML files, validated at start-up, refused with the file and line at fault.
+"""Consent, retention and privacy policies: YAML files, validated at start-up, refused with the file and line at fault.
 
 `policies/consent.yaml` names the purposes a person can consent to, who may grant each, and for how long a grant
-may last. `policies/retention.yaml` says how long each kind of data is kept. A policy's version is the sha256 of
+may last. `policies/retention.yaml` says how long each kind of data is kept. `policies/privacy.yaml` sets the
+epsilon budgets per photo, per person and per site. A policy's version is the sha256 of
 its file bytes; every consent receipt and audit entry records the version it was made under.
 
 Line numbers come from the YAML node marks (the composed node tree is walked beside the constructed data), so a
@@ -119,6 +120,40 @@ class RetentionPolicyModel(_Strict):
     version: Literal[1]
     kinds: RetentionKinds
     sweep: SweepRule
+
+
+class PrivacyBudgets(_Strict):
+    """Epsilon budgets, one per unit of protection (see deploy/docs/privacy.md)."""
+
+    per_photo: float = Field(gt=0)
+    """Local DP-SGD at the site, composed over every training run on its photos (global rounds and personal
+    adapters): what anyone who sees a site's update or a personal adapter can learn about one photo."""
+    per_person: float = Field(gt=0)
+    """All of one person's photos at a site together, for the global adapter: the smaller of the group-privacy
+    figure of the local DP-SGD and the per-site figure."""
+    per_site: float = Field(gt=0)
+    """The federation's Gaussian noise on the sum of the sites' clipped updates, over a site's rounds: what the
+    global adapter (and, under SecAgg+, the coordinator) can learn about everything one site contributed."""
+
+
+class PrivacyPolicyModel(_Strict):
+    version: Literal[1]
+    delta: float = Field(gt=0, lt=1)
+    accountant: Literal["rdp", "prv"]
+    budgets: PrivacyBudgets
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """The validated privacy policy; `version_hash` is the sha256 of the file bytes."""
+
+    path: Path
+    version_hash: str
+    rules: PrivacyPolicyModel
+
+    @property
+    def budgets(self) -> PrivacyBudgets:
+        return self.rules.budgets
 
 
 @dataclass(frozen=True)
@@ -260,6 +295,17 @@ def load_retention_policy(path: str | Path) -> RetentionPolicy:
     p = Path(path)
     digest, rules = _validate(p, RetentionPolicyModel)
     return RetentionPolicy(path=p, version_hash=digest, rules=rules)
+
+
+def load_privacy_policy(path: str | Path) -> PrivacyPolicy:
+    """Read and validate a privacy policy file (epsilon budgets); raises PolicyError naming the file and line."""
+    p = Path(path)
+    digest, rules = _validate(p, PrivacyPolicyModel)
+    return PrivacyPolicy(path=p, version_hash=digest, rules=rules)
+
+
+DEFAULT_PRIVACY_POLICY = Path(__file__).resolve().parents[1] / "policies" / "privacy.yaml"
+"""The checkout's privacy policy, used where no other file is named."""
 
 
 def load_policies(consent_file: str | Path, retention_file: str | Path) -> Policies:

@@ -57,14 +57,20 @@ def test_report_holds_images_and_numbers(quick_demo):
     assert "collateral %" in html
     # epsilon per site: from each site's own privacy ledger, shown in the report
     from megaportrait.client.federation import LEDGER_FILE, SitePrivacyLedger
+    from megaportrait.shared import accounting
 
     assert [f["site"] for f in s["federation"]["sites"]] == ["site-a", "site-b", "site-c"]
     for f in s["federation"]["sites"]:
         ledger = SitePrivacyLedger(Path(s["run_dir"]) / "work" / "federation" / "site-state" / f["site"] / LEDGER_FILE)
-        assert f["epsilon"] == pytest.approx(ledger.epsilon()) and f["epsilon"] > 0 and f["rounds"] == [1]
+        rounds_only = accounting.epsilon(ledger.history, ledger.delta, ledger.accountant)  # before personalisation
+        assert f["epsilon"] == pytest.approx(rounds_only) and f["epsilon"] > 0 and f["rounds"] == [1]
         assert f"{f['epsilon']:.3f}" in html
+        # per site: the federation noise, from the coordinator's own accountant, within the default 8
+        assert 0 < f["site_epsilon"] <= 8.0 and f"{f['site_epsilon']:.3f}" in html
     adapter = next(a for a in s["adapters"] if a["person"] == "obama")
     assert adapter["epsilon"] > 0 and adapter["composed_epsilon"] > adapter["epsilon"]
+    site_a = SitePrivacyLedger(Path(s["run_dir"]) / "work" / "federation" / "site-state" / adapter["site"] / LEDGER_FILE)
+    assert len(site_a.personal) == 1 and adapter["composed_epsilon"] == pytest.approx(site_a.epsilon())
     assert {a["skipped"] for a in s["adapters"] if a["person"] != "obama"} == {
         "needs 3 usable photos, has 2", "needs 3 usable photos, has 1"}
     # the diffusion render went through the node with the sealed adapter, and says what it is

@@ -10,8 +10,16 @@ checkpoints in checkpoint.py.
 Run config keys read here: num-server-rounds, min-sites, local-steps, strategy, clipping (fixed | adaptive),
 clipping-norm (the fixed norm, or the adaptive one's starting value), clipping-target-quantile, clipping-norm-lr,
 clipped-count-stddev, server-noise-multiplier, secure-aggregation, secagg-num-shares,
-secagg-reconstruction-threshold, secagg-clipping-range, round-timeout, epsilon-budget-per-site, state-dir, resume,
+secagg-reconstruction-threshold, secagg-clipping-range, round-timeout, privacy-policy, state-dir, resume,
 seed (plus the site training keys that client/federation.py reads).
+
+Budgets are not run config: they are in the privacy policy (`privacy-policy`, default policies/privacy.yaml). Before
+anything runs, the coordinator's own accountant (Opacus, `shared.accounting`) computes the per-site epsilon the
+run's `server-noise-multiplier` and `num-server-rounds` plan, and a run config that would cross the policy's
+per-site (or per-person) budget is refused. The budget query refuses sites whose per-photo epsilon would cross
+the policy's per-photo budget. `epsilon-budget-per-site` is refused by name (it moved to the policy).
+Under SecAgg+ the noise is distributed (each site adds its share before masking, client/federation.py); without
+it the coordinator adds it (strategy.py).
 
 Every site's clipped update weighs 1 in the aggregate (strategy.py's module doc says why): SecAgg+ runs with
 `max_weight = 1`, the weight each site's `clipping_mod` reports, so the unmasked sum divided by the summed weights
@@ -59,6 +67,32 @@ WITNESS_DIR = "witness"
 app = ServerApp()
 
 
+def privacy_plan(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The privacy policy's budgets and the run's planned per-site epsilon (Opacus); refuses a run that would
+    cross a budget, and the retired `epsilon-budget-per-site` key."""
+    from megaportrait.shared.accounting import epsilon, federation_release
+    from megaportrait.shared.policy import DEFAULT_PRIVACY_POLICY, load_privacy_policy
+
+    if "epsilon-budget-per-site" in run_config:
+        raise ConfigError("run config epsilon-budget-per-site is no longer read: budgets are in the privacy policy "
+                          "(policies/privacy.yaml budgets.per_photo / per_person / per_site; run config "
+                          "privacy-policy names another file)")
+    path = Path(str(run_config.get("privacy-policy", "") or DEFAULT_PRIVACY_POLICY)).expanduser()
+    policy = load_privacy_policy(path)
+    rounds = int(run_config.get("num-server-rounds", 2))
+    z = float(run_config.get("server-noise-multiplier", 1.0))
+    planned = epsilon([federation_release(z, rounds)], policy.rules.delta, policy.rules.accountant)
+    budgets = policy.budgets
+    for unit, budget in (("per_site", budgets.per_site), ("per_person", budgets.per_person)):
+        if planned > budget:
+            raise ConfigError(
+                f"run refused: {rounds} round(s) at server-noise-multiplier {z:g} plan a per-site epsilon of "
+                f"{planned:.3g} (Opacus {policy.rules.accountant}, delta {policy.rules.delta:g}), over the "
+                f"{unit} budget {budget:g} of {path}; raise the noise multiplier or run fewer rounds")
+    return {"budget": float(budgets.per_photo), "budgets": budgets.model_dump(), "planned_site_epsilon": planned,
+            "privacy_policy": str(path), "delta": policy.rules.delta, "accountant": policy.rules.accountant}
+
+
 def run_settings(run_config: dict[str, Any]) -> dict[str, Any]:
     """The coordinator's view of the run config, with defaults and checks."""
     cfg = {
@@ -67,7 +101,7 @@ def run_settings(run_config: dict[str, Any]) -> dict[str, Any]:
         "local_steps": int(run_config.get("local-steps", 4)),
         "secure_aggregation": bool(run_config.get("secure-aggregation", True)),
         "round_timeout": float(run_config.get("round-timeout", 300.0)),
-        "budget": float(run_config.get("epsilon-budget-per-site", 10.0)),
+        **privacy_plan(run_config),
         "state_dir": Path(str(run_config.get("state-dir", "runs/coordinator"))).expanduser(),
         "resume": bool(run_config.get("resume", True)),
         "seed": int(run_config.get("seed", 0)),
@@ -140,13 +174,19 @@ def _run(grid: Grid, context: Context, run_config: dict[str, Any], cfg: dict[str
         save_checkpoint(state_dir, Checkpoint(round=0, arrays=arrays, names=names, base_model_sha256=base_sha,
                                               meta={"run_id": str(context.run_id)}))
     remaining = cfg["rounds"] - start_round
-    _write_status(state_dir, context.run_id, "running", start_round, cfg["rounds"])
+    _write_status(state_dir, context.run_id, "running", start_round, cfg["rounds"],
+                  privacy={"planned_site_epsilon": cfg["planned_site_epsilon"], "budgets": cfg["budgets"],
+                           "delta": cfg["delta"], "accountant": cfg["accountant"],
+                           "dp_mode": "distributed" if cfg["secure_aggregation"] else "central"})
     if remaining <= 0:
         log.info("all %d rounds already done (checkpoint round %d); nothing to run", cfg["rounds"], start_round)
         _write_status(state_dir, context.run_id, "finished", start_round, cfg["rounds"])
         return start_round
 
-    ledger = BudgetLedger(state_dir / "budget.json", cfg["budget"])
+    ledger = BudgetLedger(state_dir / "budget.json", cfg["budget"], delta=cfg["delta"],
+                          accountant=cfg["accountant"])
+    log.info("planned per-site epsilon %.3g over %d round(s) (budget %g, delta %g, Opacus %s)",
+             cfg["planned_site_epsilon"], cfg["rounds"], cfg["budgets"]["per_site"], cfg["delta"], cfg["accountant"])
     bounded = BoundedGrid(grid, cfg["round_timeout"])
     resumed_norm = None
     if latest is not None and latest.round > 0 and str(run_config.get("clipping", "fixed")).lower() == "adaptive":
@@ -203,6 +243,11 @@ def _int_or_fraction(value: Any) -> int | float:
 
 def _write_status(state_dir: Path, run_id: int, state: str, round_done: int, rounds: int, **extra: Any) -> None:
     """`status.json`: what the coordinator is doing, for the CLI and for tests."""
+    previous = state_dir / "status.json"
+    if "privacy" not in extra and previous.is_file():  # the run's privacy plan stays in every later status
+        kept = json.loads(previous.read_text()).get("privacy")
+        if kept is not None and json.loads(previous.read_text()).get("run_id") == str(run_id):
+            extra["privacy"] = kept
     data = {"run_id": str(run_id), "state": state, "round": round_done, "rounds": rounds, "at": time.time(),
             **{k: {str(r): v for r, v in val.items()} if isinstance(val, dict) else val for k, val in extra.items()}}
     tmp = state_dir / ".status.tmp"

@@ -90,8 +90,9 @@ class CoordinatorAudit:
             "config_sha256": self.policy, "strategy": str(run_config.get("strategy", "fedavg")),
             "clipping": str(run_config.get("clipping", "fixed")),
             "clipping_norm": float(run_config.get("clipping-norm", 1.0)),
-            "noise_multiplier": float(run_config.get("server-noise-multiplier", 0.1)),
-            "epsilon_budget_per_site": cfg["budget"], "min_sites": cfg["min_sites"], "rounds": cfg["rounds"],
+            "noise_multiplier": float(run_config.get("server-noise-multiplier", 1.0)),
+            "epsilon_budget_per_site": cfg["budget"], "planned_site_epsilon": cfg.get("planned_site_epsilon"),
+            "privacy_policy": cfg.get("privacy_policy"), "min_sites": cfg["min_sites"], "rounds": cfg["rounds"],
             "secure_aggregation": cfg["secure_aggregation"], "local_steps": cfg["local_steps"],
             "base_model_sha256": base_model_sha256, "initial_adapter_sha256": initial_adapter})
 

@@ -211,9 +211,21 @@ def status(state_dir: Optional[Path] = typer.Option(None, help="Default: coordin
                                  "coordinator.state_dir)", param_hint="--state-dir")
     status_file, budget_file = state / "status.json", state / "budget.json"
     latest = load_checkpoint(state)
+    budget = json.loads(budget_file.read_text()) if budget_file.is_file() else None
     typer.echo(json.dumps({
         "state_dir": str(state),
         "status": json.loads(status_file.read_text()) if status_file.is_file() else None,
         "checkpoint": None if latest is None else {"round": latest.round, "sites": latest.sites, **latest.meta},
-        "budget": json.loads(budget_file.read_text()) if budget_file.is_file() else None,
+        "budget": budget, "privacy": privacy_by_site(budget),
         "sites": read_site_nodes(state)}, indent=1, default=str))
+
+
+def privacy_by_site(budget: dict | None) -> dict | None:
+    """Each site's epsilon in the three units as the coordinator knows them: per photo as the site reported it
+    (its Opacus accountant), per site from the coordinator's own accountant, per person bounded by per site (a
+    person's photos are part of one site's update; the site's own `client privacy` has the tighter figure)."""
+    if budget is None:
+        return None
+    return {site: {"per_photo": a.get("epsilon"), "per_site": a.get("site_epsilon"),
+                   "per_person_at_most": a.get("site_epsilon"), "delta": budget.get("delta"),
+                   "accountant": budget.get("accountant")} for site, a in budget.get("sites", {}).items()}

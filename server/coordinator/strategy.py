@@ -15,8 +15,12 @@ Why Flower's *legacy* strategy API (`flwr.server.strategy`): in flwr 1.42 secure
 Message-API strategies (`flwr.serverapp.strategy`) have no SecAgg+ counterpart. One strategy stack then serves runs
 with and without SecAgg+ (the latter use Flower's `DefaultWorkflow` fit workflow).
 
-Every site weighs the same. The central noise (stddev z * C / n for noise multiplier z, clipping norm C, n sites
-aggregated) bounds one site's influence on the *unweighted mean* of n updates clipped to C: C / n. FedAvg's usual
+Every site weighs the same. The federation's noise has stddev z * C on the *sum* of the n clipped updates (z * C / n
+on their unweighted mean), accounted with sensitivity C (one site's update added or removed) by the coordinator's
+own accountant (budget.py, `shared.accounting`). Under SecAgg+ the noise is distributed: each site adds
+z * C / sqrt(min_sites) before masking (client/federation.py) and the coordinator adds nothing, so it never sees an
+un-noised sum; without SecAgg+ the coordinator checks every update's norm against C and adds the noise itself,
+from `os.urandom` (`shared.dp_noise`). FedAvg's usual
 weighting by example count would let a large site move the aggregate by up to C * (its examples / all examples),
 more than the noise covers. So under DP (always, here) the aggregate is the plain mean of the clipped updates:
 - in the clear, the DP wrappers below hand the aggregator every result with `num_examples = 1` (`unit_weighted`),
@@ -33,9 +37,10 @@ never as weights. The noise stddev actually used, and the n it was calibrated to
 and in the round's DP record (`meta["dp"]` of the checkpoint).
 
 Robust strategies (median, trimmed mean) need every site's update in the clear, so they cannot be combined with
-secure aggregation; `build_strategy` refuses that combination. They ignore weights anyway. Note that the z * C / n
-noise is calibrated to the mean's sensitivity; one site can move a median (or a mean trimmed of few sites) by more
-than C / n, so their central noise is weaker than it is for fedavg.
+secure aggregation; and one site can move a median (or a mean trimmed of few sites) by far more than the C / n the
+noise is calibrated to, so `build_strategy` refuses them under DP (noise multiplier > 0). Each round's DP record
+names the aggregator and this refusal. Adaptive clipping is refused under SecAgg+ (each site's clipped bit would
+travel in the clear).
 """
 from __future__ import annotations
 
@@ -70,7 +75,7 @@ from flwr.server.strategy import (
     Strategy,
 )
 from flwr.serverapp import Grid
-from flwr.supercore.differential_privacy import KEY_NORM_BIT, add_gaussian_noise_inplace, compute_stdv
+from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
 
 from megaportrait.shared.audit import WitnessStore
 from megaportrait.shared.errors import ConfigError
@@ -160,7 +165,10 @@ class ClientSideAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
                 raise KeyError(f"site {fit_res.metrics.get('site-id', proxy.node_id)} sent no {KEY_NORM_BIT}: its "
                                "ClientApp does not run adaptiveclipping_mod")
             clipped += bool(fit_res.metrics[KEY_NORM_BIT])
-        fraction = float(np.random.normal(clipped, self.clipped_count_stddev)) / len(results)
+        from megaportrait.shared.dp_noise import secure_standard_normal
+
+        noise = float(secure_standard_normal(1)[0]) * self.clipped_count_stddev
+        fraction = (clipped + noise) / len(results)
         self.clipping_norm *= math.exp(self.clip_norm_lr * (fraction - self.target_clipped_quantile))
         return fraction
 
@@ -195,24 +203,65 @@ def unit_weighted(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[Clien
                            metrics=res.metrics)) for proxy, res in results]
 
 
+def update_norm(res: FitRes, sent: list[np.ndarray]) -> float:
+    """L2 norm of a site's update: its returned arrays minus the arrays it was sent."""
+    got = parameters_to_ndarrays(res.parameters)
+    return float(math.sqrt(sum(float(np.sum((np.asarray(g, np.float64) - np.asarray(s, np.float64)) ** 2))
+                               for g, s in zip(got, sent))))
+
+
 def noised_unweighted_mean(wrapper: DifferentialPrivacyClientSideFixedClipping
                            | DifferentialPrivacyClientSideAdaptiveClipping, server_round: int,
                            results: list[tuple[ClientProxy, FitRes]], clipping_norm: float
-                           ) -> tuple[Parameters | None, dict[str, Scalar], dict[str, float]]:
-    """The DP wrappers' aggregation: `wrapper.strategy` over the unit-weighted results, plus Gaussian noise with
-    stddev z * C / n (z the wrapper's noise multiplier, C `clipping_norm`, n = len(results)). Returns the noised
-    parameters, the aggregator's metrics and the record {"sites_aggregated": n, "noise_stddev": the stddev added}."""
+                           ) -> tuple[Parameters | None, dict[str, Scalar], dict[str, Any]]:
+    """The DP wrappers' aggregation: `wrapper.strategy` over the unit-weighted results, noised per `wrapper.dp_mode`.
+
+    central (in the clear): every update's norm is checked against C (an update over it is left out, named in the
+    record); then Gaussian noise of stddev z * C on the sum, i.e. z * C / n on the mean of n updates, from
+    `os.urandom` (`shared.dp_noise`). distributed (SecAgg+): the sites added the noise before masking, each
+    z * C / sqrt(min_sites); nothing is added here, and the multiplier the sum carries is z * sqrt(n / min_sites).
+    Returns the parameters, the aggregator's metrics and the round's noise record."""
+    from megaportrait.shared.accounting import distributed_noise_multiplier
+    from megaportrait.shared.dp_noise import NOISE_SOURCE, add_secure_gaussian
+
+    mode = getattr(wrapper, "dp_mode", "central")
+    record: dict[str, Any] = {"dp_mode": mode, "noise_source": NOISE_SOURCE}
+    sent = getattr(wrapper, "sent_arrays", None)
+    if mode == "central" and sent is not None:
+        over = {}
+        for proxy, res in results:
+            norm = update_norm(res, sent)
+            if norm > clipping_norm * (1 + 1e-4) + 1e-6:
+                over[str(res.metrics.get("site-id", proxy.node_id))] = norm
+        if over:
+            log.error("round %d: update(s) over the clipping norm %.4g left out: %s", server_round, clipping_norm,
+                      over)
+            record["over_norm"] = over
+            results = [(p, r) for p, r in results if str(r.metrics.get("site-id", p.node_id)) not in over]
     n = len(results)
+    record["sites_aggregated"] = n
+    if n == 0:
+        return None, {}, {**record, "noise_stddev": 0.0, "effective_noise_multiplier": 0.0}
     wrapper.num_sampled_clients = n
     aggregated, metrics = wrapper.strategy.aggregate_fit(server_round, unit_weighted(results), [])
+    if mode == "distributed":
+        min_sites = int(getattr(wrapper, "min_sites", n))
+        z_eff = distributed_noise_multiplier(wrapper.noise_multiplier, n, min_sites)
+        stddev = z_eff * clipping_norm / n
+        record.update({"noise_stddev": stddev, "effective_noise_multiplier": z_eff, "noise_added_by": "sites",
+                       "site_noise_stddev": wrapper.noise_multiplier * clipping_norm / math.sqrt(min_sites)})
+        log.info("round %d: unweighted mean of %d noised clipped update(s) (distributed DP: noise on the sum has "
+                 "multiplier %.3g)", server_round, n, z_eff)
+        return aggregated, metrics, record
     stddev = compute_stdv(wrapper.noise_multiplier, clipping_norm, n)
-    if aggregated is not None:
-        arrays = parameters_to_ndarrays(aggregated)
-        add_gaussian_noise_inplace(arrays, stddev)
-        aggregated = ndarrays_to_parameters(arrays)
+    if aggregated is not None and stddev > 0:
+        aggregated = ndarrays_to_parameters(add_secure_gaussian(parameters_to_ndarrays(aggregated), stddev))
         log.info("round %d: unweighted mean of %d clipped update(s), central noise stddev %.4g (= %g * %.4g / %d)",
                  server_round, n, stddev, wrapper.noise_multiplier, clipping_norm, n)
-    return aggregated, metrics, {"sites_aggregated": n, "noise_stddev": stddev}
+    accounted = float(getattr(wrapper, "accounted_noise_multiplier", wrapper.noise_multiplier))
+    record.update({"noise_stddev": stddev, "effective_noise_multiplier": min(accounted, wrapper.noise_multiplier),
+                   "noise_added_by": "coordinator"})
+    return aggregated, metrics, record
 
 
 def build_strategy(run_config: dict[str, Any], initial_arrays: list[np.ndarray], min_sites: int, *,
@@ -223,12 +272,22 @@ def build_strategy(run_config: dict[str, Any], initial_arrays: list[np.ndarray],
     name = str(run_config.get("strategy", "fedavg")).lower()
     if name not in AGGREGATORS:
         raise ConfigError(f"strategy {name!r} is not one of {', '.join(AGGREGATORS)}")
-    if name != "fedavg" and bool(run_config.get("secure-aggregation", True)):
+    secure = bool(run_config.get("secure-aggregation", True))
+    if name != "fedavg" and secure:
         raise ConfigError(f"strategy {name!r} needs each site's update in the clear; it cannot run with "
                           "secure-aggregation = true (use fedavg, or turn secure aggregation off)")
+    noise = float(run_config.get("server-noise-multiplier", 1.0))
+    if name != "fedavg" and noise > 0:
+        raise ConfigError(f"strategy {name!r} under DP is refused: one site can move a median or a trimmed mean by "
+                          "far more than the C / n the noise is calibrated to, so its noise would be too small "
+                          "(use fedavg)")
     mode = str(run_config.get("clipping", "fixed")).lower()
     if mode not in CLIPPING_MODES:
         raise ConfigError(f"clipping {mode!r} is not one of {', '.join(CLIPPING_MODES)}")
+    if mode == "adaptive" and secure:
+        raise ConfigError("clipping = adaptive with secure-aggregation = true is refused: each site's clipped bit "
+                          "would travel in the clear beside its masked update, outside the privacy accounting (use "
+                          "clipping = fixed, or turn secure aggregation off)")
     common = dict(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=min_sites, min_evaluate_clients=0,
                   min_available_clients=min_sites, initial_parameters=ndarrays_to_parameters(initial_arrays),
                   fit_metrics_aggregation_fn=site_metrics_summary)
@@ -238,21 +297,33 @@ def build_strategy(run_config: dict[str, Any], initial_arrays: list[np.ndarray],
         inner = FedMedian(**common)
     else:
         inner = FedTrimmedAvg(**common, beta=float(run_config.get("trim-beta", 0.2)))
-    noise = float(run_config.get("server-noise-multiplier", 0.1))
     norm = float(run_config.get("clipping-norm", 1.0)) if clipping_norm is None else float(clipping_norm)
     if mode == "fixed":
-        return ClientSideFixedClipping(inner, noise_multiplier=noise, clipping_norm=norm,
-                                       num_sampled_clients=min_sites)
+        wrapper: DPWrapper = ClientSideFixedClipping(inner, noise_multiplier=noise, clipping_norm=norm,
+                                                     num_sampled_clients=min_sites)
+        return _with_dp_mode(wrapper, secure, min_sites, noise)
     stddev = str(run_config.get("clipped-count-stddev", "auto"))
     try:
-        return ClientSideAdaptiveClipping(
+        return _with_dp_mode(ClientSideAdaptiveClipping(
             inner, noise_multiplier=noise, num_sampled_clients=min_sites, initial_clipping_norm=norm,
             target_clipped_quantile=float(run_config.get("clipping-target-quantile", 0.5)),
             clip_norm_lr=float(run_config.get("clipping-norm-lr", 0.2)),
-            clipped_count_stddev=None if stddev == "auto" else float(stddev))
+            clipped_count_stddev=None if stddev == "auto" else float(stddev)), secure, min_sites, noise)
     except ValueError as exc:
         raise ConfigError(f"adaptive clipping: {exc} (run config server-noise-multiplier, clipped-count-stddev, "
                           "clipping-norm, clipping-target-quantile, clipping-norm-lr)") from exc
+
+
+def _with_dp_mode(wrapper: DPWrapper, secure_aggregation: bool, min_sites: int, noise: float) -> DPWrapper:
+    """Distributed DP (noise at the sites, before masking) under SecAgg+; central DP (noise here) otherwise.
+    `accounted_noise_multiplier` is the run config's z: with adaptive clipping Flower raises the update's own
+    multiplier so that the update and the noised clipped count together have multiplier z, which is what is
+    accounted."""
+    wrapper.accounted_noise_multiplier = float(noise)  # type: ignore[union-attr]
+    wrapper.dp_mode = "distributed" if secure_aggregation else "central"  # type: ignore[union-attr]
+    wrapper.min_sites = int(min_sites)  # type: ignore[union-attr]
+    wrapper.sent_arrays = None  # type: ignore[union-attr]
+    return wrapper
 
 
 def site_metrics_summary(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
@@ -295,6 +366,10 @@ class SiteBudgetStrategy(Strategy):
         self.fit_config = dict(fit_config or {})
         self.fit_config.setdefault("clipping", "adaptive" if isinstance(inner, ClientSideAdaptiveClipping)
                                    else "fixed")
+        self.fit_config.update({"dp-mode": getattr(inner, "dp_mode", "central"),
+                                "federation-noise-multiplier": float(getattr(inner, "accounted_noise_multiplier",
+                                                                             inner.noise_multiplier)),
+                                "min-sites": int(min_sites)})
         self.query_timeout = query_timeout
         self.on_round = on_round
         self.audit = audit
@@ -310,7 +385,8 @@ class SiteBudgetStrategy(Strategy):
 
     def query_sites(self, node_ids: list[int], server_round: int) -> dict[int, dict[str, Scalar]]:
         """node id -> the site's budget answer; sites that do not answer in time are missing."""
-        config = {"local-steps": self.fit_config.get("local-steps", 0), "server-round": server_round}
+        config = {"local-steps": self.fit_config.get("local-steps", 0), "server-round": server_round,
+                  "federation-noise-multiplier": self.fit_config["federation-noise-multiplier"]}
         content = compat.getpropertiesins_to_recorddict(GetPropertiesIns(config=config))
         messages = [Message(content=content, dst_node_id=nid, message_type=MessageTypeLegacy.GET_PROPERTIES,
                             group_id=f"budget-{server_round}") for nid in node_ids]
@@ -326,6 +402,7 @@ class SiteBudgetStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
         absolute = server_round + self.round_offset
+        self.inner.sent_arrays = parameters_to_ndarrays(parameters)  # for the central-DP norm check
         sampled = self.inner.configure_fit(absolute, parameters, client_manager)
         answers = self.query_sites([proxy.node_id for proxy, _ in sampled], absolute)
         admitted: list[tuple[ClientProxy, FitIns]] = []
@@ -419,9 +496,16 @@ class SiteBudgetStrategy(Strategy):
                         sorted(odd), odd, UNIT_WEIGHT)
         parameters, metrics = self.inner.aggregate_fit(absolute, contributing, [])
         dp: dict[str, Any] = {"clipping": self.fit_config["clipping"],
-                              "noise_multiplier": float(self.inner.noise_multiplier), "weighting": "unweighted"}
+                              "noise_multiplier": float(self.inner.noise_multiplier), "weighting": "unweighted",
+                              "aggregator": type(self.inner.strategy).__name__,
+                              "robust_aggregators": "refused under DP (sensitivity above C / n)",
+                              "sensitivity": "C on the sum (one site's clipped update added or removed)"}
         last = self.inner.history[-1]  # what this round's aggregation recorded: norm, sites, noise stddev
         dp.update({k: v for k, v in last.items() if k != "round"})
+        aggregated_sites = [s for s in report["trained"] if s not in dp.get("over_norm", {})]
+        for site in aggregated_sites:
+            self.ledger.record_federation(site, float(dp.get("effective_noise_multiplier", 0.0)), absolute)
+        dp["site_epsilon"] = {site: self.ledger.site_epsilon(site) for site in aggregated_sites}
         report["dp"] = dp
         if parameters is None:
             self._audit_round(absolute, reason="no_aggregate")

@@ -81,4 +81,8 @@ def demo_command(
     console.print(f"[green]done in {s['seconds']['total']:.0f} s[/]: {len(s['renders'])} render job(s); revocation of "
                   f"{rv['person']} {'checked' if rv['ok'] else '[red]INCOMPLETE[/]'}; audit logs "
                   f"{'verified' if all(a['ok'] for a in s['audit']) else '[red]FAILED verification[/]'}")
+    for site in s["federation"]["sites"]:
+        per_site = site.get("site_epsilon")
+        console.print(f"{site['site']}: epsilon per photo {site['epsilon']:.3g}, per site "
+                      f"{'n/a' if per_site is None else f'{per_site:.3g}'} (delta {site['delta']:g}, Opacus)")
     typer.echo(str(outcome.report))

@@ -36,6 +36,8 @@ class SitePrivacy:
     rounds: list[int]
     refused: list[dict]
     coordinator_epsilon: float | None
+    site_epsilon: float | None = None
+    """Per-site epsilon (federation noise) from the coordinator's own accountant."""
 
 
 @dataclass
@@ -156,7 +158,8 @@ def run_federation(sites: list[Site], settings: DemoSettings, work: Path, *,
         figures.append(SitePrivacy(site=site_id, people=[p.name for p in staged], n_examples=n_examples,
                                    epsilon=ledger.epsilon(), delta=ledger.delta, releases=len(ledger.history),
                                    rounds=list(account.get("rounds", [])), refused=list(account.get("refused", [])),
-                                   coordinator_epsilon=account.get("epsilon")))
+                                   coordinator_epsilon=account.get("epsilon"),
+                                   site_epsilon=account.get("site_epsilon")))
     for site in sites:
         if site.site_id in taking_part:
             p = next(f for f in figures if f.site == site.site_id)
@@ -241,16 +244,17 @@ def personalise_people(sites: list[Site], fed: FederationOutcome, settings: Demo
             if base is None:
                 base = load_base(identity, settings.seed)
             t = time.perf_counter()
+            # The site's ledger composes the personal adapter with its global rounds (same photos).
+            ledger = SitePrivacyLedger(fed.site_state_dir / site.site_id / LEDGER_FILE)
             adapter = personalise_adapter([a.crop for a in person.accepted], identity, person_ref=person.ref,
                                           global_arrays=arrays, base=base, steps=settings.adapter_steps,
-                                          ledger=site.ledger, actor=ACTOR)
+                                          ledger=site.ledger, actor=ACTOR, privacy_ledger=ledger)
             rec.seconds = time.perf_counter() - t
             p = adapter.privacy
-            ledger = SitePrivacyLedger(fed.site_state_dir / site.site_id / LEDGER_FILE)
             rec.n_crops, rec.steps, rec.epsilon, rec.delta = len(person.accepted), p.steps, p.epsilon, p.delta
             rec.noise_multiplier, rec.sample_rate, rec.global_round = p.noise_multiplier, p.sample_rate, global_round
-            if p.epsilon is not None and abs(p.delta - ledger.delta) < 1e-12:
-                rec.composed_epsilon = ledger.epsilon([(p.noise_multiplier, p.sample_rate, p.steps)])
+            if p.epsilon is not None:
+                rec.composed_epsilon = ledger.epsilon()
             data = adapter_to_bytes(adapter)
             rec.adapter_sha256 = sha256_hex(data)
             item = site.adapters.put(person.ref, "adapter.safetensors", data)

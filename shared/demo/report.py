@@ -97,6 +97,8 @@ def write(path: Path, summary: dict, roster, sites, records: list[RenderRecord],
             rows.append((f"mean identity, {VARIANTS[variant][0]}", _fmt(float(np.mean(vals)))))
     for s in fed["sites"]:
         rows.append((f"epsilon of {s['site']} after the rounds (delta {s['delta']:g})", _fmt(s["epsilon"])))
+        rows.append((f"per-site epsilon of {s['site']} (federation noise, coordinator's accountant)",
+                     _fmt(s.get("site_epsilon"))))
     rows.append(("revocation complete and checked", _fmt(summary["revocation"]["ok"])))
     rows.append(("every audit log verifies", _fmt(all(a["ok"] for a in summary["audit"]))))
     head.tables.append((("figure", "value"), rows))
@@ -136,10 +138,12 @@ def write(path: Path, summary: dict, roster, sites, records: list[RenderRecord],
         f"noise at the coordinator, secure aggregation {'on' if rc['secure-aggregation'] else 'off'}. Epsilon is "
         f"each site's cumulative figure from its own Opacus accountant (privacy ledger); the coordinator's budget "
         f"is {fed['budget_per_site']} per site. Took {fed['seconds']:.0f} s.")
-    fsec.tables.append((("site", "people trained on", "crops", "rounds", "epsilon (site)", "delta",
-                         "epsilon (coordinator's record)", "refused rounds"),
+    fsec.tables.append((("site", "people trained on", "crops", "rounds", "epsilon per photo (site)", "delta",
+                         "epsilon per photo (coordinator's record)", "epsilon per site (coordinator)",
+                         "refused rounds"),
                         [(s["site"], ", ".join(s["people"]), _fmt(s["n_examples"]), ", ".join(map(str, s["rounds"])),
-                          s["epsilon"], f"{s['delta']:g}", _fmt(s["coordinator_epsilon"]), len(s["refused"]))
+                          s["epsilon"], f"{s['delta']:g}", _fmt(s["coordinator_epsilon"]),
+                          _fmt(s.get("site_epsilon")), len(s["refused"]))
                          for s in fed["sites"]]))
     for site, why in fed["left_out"].items():
         fsec.paragraphs.append(f"{site} sat out: {why}.")

@@ -29,7 +29,7 @@ def eval_command(
     quick: Annotated[bool, typer.Option("--quick", help="Small run (~1 min): 2 photos per person, 2 templates, short adapters.")] = False,
     max_templates: Annotated[Optional[int], typer.Option(help="Use at most this many templates (spread over skin-tone bands).")] = None,
     adapters: Annotated[Optional[int], typer.Option(help="Adapters per privacy arm.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Training steps per adapter.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps of the positive control's adapters (the DP arm keeps the production steps).")] = None,
     no_privacy: Annotated[bool, typer.Option("--no-privacy", help="Skip the membership-inference part.")] = False,
 ) -> None:
     """Evaluate identity (by stage), fairness (by skin tone), robustness (degraded photos) and privacy (membership
@@ -55,9 +55,11 @@ def eval_command(
                   privacy=not no_privacy)
     if max_templates is not None:
         config = replace(config, max_templates=max_templates)
-    if adapters is not None or steps is not None:
-        config = replace(config, attack=replace(config.attack, adapters=adapters or config.attack.adapters,
-                                                steps=steps or config.attack.steps))
+    if adapters is not None:
+        config = replace(config, attack=replace(config.attack, adapters=adapters))
+    if steps is not None:  # the positive control's steps; the DP arm keeps the production steps
+        arms = tuple(replace(a, steps=steps) if a.name == "positive_control" else a for a in config.attack.arms)
+        config = replace(config, attack=replace(config.attack, arms=arms))
     try:
         result, examples = run_evaluation(config)
     except MegaPortraitError as exc:
@@ -69,8 +71,10 @@ def eval_command(
     console.print(f"full renders: TAR {full['tar']:.3f}  FAR {full['far']:.3f}  accuracy {full['accuracy']:.3f} "
                   f"(threshold {h['threshold']})")
     if "privacy" in h:
-        for arm, a in h["privacy"].items():
-            eps = "n/a" if a["epsilon"] is None else f"{a['epsilon']:.3g}"
-            console.print(f"membership inference {arm}: AUC {a['auc_pooled']:.3f}  epsilon {eps}")
+        console.print(f"privacy audit: {h['privacy']['verdict']}")
+        for arm, a in h["privacy"]["arms"].items():
+            eps = "n/a (no DP)" if a["epsilon_per_photo"] is None else f"{a['epsilon_per_photo']:.3g}"
+            console.print(f"LiRA {arm}: AUC {a['auc']:.3f}  TPR@1%FPR {a['tpr_at_fpr_1pct']:.3f}  epsilon per photo "
+                          f"{eps}  within its bound: {a['within_bound']}")
     for name, p in paths.items():
         console.print(f"{name}: {p}")

@@ -105,23 +105,50 @@ def _roc(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(fpr), np.array(tpr)
 
 
-def plot_privacy(privacy: dict, path: Path) -> Path:
-    """ROC curves of the membership-inference attack, pooled over adapters, DP off vs on."""
+def plot_privacy_audit(audit: dict, path: Path) -> Path:
+    """Left: ROC of the LiRA attack per arm (log axes, with each DP arm's epsilon bound). Right: the
+    privacy-utility curve, epsilon per photo and per person against held-out denoising loss."""
+    import math
+
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=110)
-    for arm, colour in (("no_dp", "tab:red"), ("dp", "tab:green")):
-        scores = privacy["scores"][arm]
-        fpr, tpr = _roc(np.asarray(scores["members"]), np.asarray(scores["non_members"]))
-        summary = privacy["arms"][arm]
-        eps = summary["epsilon"]
-        label = f"{'DP' if arm == 'dp' else 'no DP'}: AUC {summary['auc_pooled']:.2f}"
-        label += f", eps={eps:.3g}" if eps is not None else ""
-        ax.plot(fpr, tpr, color=colour, label=label)
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    fig, (ax, cx) = plt.subplots(1, 2, figsize=(9.2, 4.2), dpi=110)
+    colours = {"positive_control": "tab:red", "production_dp": "tab:green"}
+    for arm, summary in audit["arms"].items():
+        roc = summary.get("roc_scores")
+        if not roc or "auc" not in summary:
+            continue
+        scores, labels = np.asarray(roc["scores"]), np.asarray(roc["labels"])
+        fpr, tpr = _roc(scores[labels == 1], scores[labels == 0])
+        eps = summary.get("epsilon_per_photo")
+        label = f"{arm}: AUC {summary['auc']:.2f}" + (f", eps/photo {eps:.3g}" if eps is not None else ", no DP")
+        ax.plot(np.maximum(fpr, 1e-3), np.maximum(tpr, 1e-3), color=colours.get(arm, "tab:blue"), label=label)
+        if eps is not None and eps < 50:
+            grid = np.logspace(-3, 0, 50)
+            ax.plot(grid, np.minimum(1, math.exp(eps) * grid), ls=":", color=colours.get(arm, "tab:blue"),
+                    label=f"bound e^eps*FPR ({arm})")
+    ax.plot([1e-3, 1], [1e-3, 1], ls="--", color="grey", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title("Membership inference on Identity Net adapters", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("LiRA per photo: " + ("has power" if audit["powered"] else "NO POWER"), fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    curve = [r for r in audit.get("curve", []) if r["noise_multiplier"] is not None]
+    if curve:
+        loss = [r["heldout_denoising_loss"] for r in curve]
+        cx.plot([r["epsilon_per_photo"] for r in curve], loss, "o-", label="epsilon per photo")
+        cx.plot([r["epsilon_per_person"] for r in curve], loss, "s--", label="epsilon per person")
+        for r in curve:
+            cx.annotate(f"z={r['noise_multiplier']:g}", (r["epsilon_per_photo"], r["heldout_denoising_loss"]),
+                        fontsize=7)
+        nodp = [r for r in audit["curve"] if r["noise_multiplier"] is None]
+        if nodp:
+            cx.axhline(nodp[0]["heldout_denoising_loss"], color="grey", ls=":", label="no DP")
+        cx.set_xscale("log")
+        cx.set_xlabel("epsilon (delta 1e-5, Opacus RDP)")
+        cx.set_ylabel("held-out denoising loss (lower = better)")
+        cx.legend(fontsize=7)
+    cx.set_title("Privacy-utility curve", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -20,7 +20,8 @@ from megaportrait.shared.report import json_default
 
 from .dataset import EvaluationError, find_folders, prepare_data, spread_over_bands
 from .identity import ABLATIONS, run_ablation, summarise
-from .privacy import AttackSettings, face_pool, photos_in, run_membership_inference
+from .lira import ArmSettings, LiraSettings, run_lira_audit
+from .privacy import face_pool, photos_in
 from .robustness import DEGRADATIONS, Degradation, run_robustness, summarise_robustness
 
 log = logging.getLogger("megaportrait.evaluation")
@@ -29,12 +30,20 @@ JSON_NAME = "eval.json"
 REPORT_NAME = "report.html"
 
 
+QUICK_AUDIT = LiraSettings(adapters=6, pool_size=8, photos_per_adapter=2, draws=8, bootstrap=100, canaries=8,
+                           arms=(ArmSettings("positive_control", 150, 1e-2, None),
+                                 ArmSettings("production_dp", 10, 1e-3, 1.0)),
+                           curve_noise=(None, 1.0), curve_steps=5)
+"""The privacy audit of `EvalConfig.quick_config`: too small for the positive control to reach its bar, so its
+report is expected to say the audit has no power."""
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """What to evaluate and how much of it.
 
     people_dir: people/<name>/<photo>; templates_dir: template portraits; out_dir: where results go.
-    extra_faces_dir: more photos whose faces only enlarge the membership-inference pool (any faces, none refused).
+    extra_faces_dir: more photos whose faces only enlarge the privacy audit's pool (any faces, none refused).
     max_templates / max_photos_per_person: subsets (None = all); templates are spread over skin-tone bands.
     robustness_templates / robustness_photos_per_person: the subset used for the degraded-photo renders.
     torch_threads: torch's CPU threads during the run. 1 by default: with OpenCV loaded, torch's OpenMP pool at 2+
@@ -51,7 +60,7 @@ class EvalConfig:
     robustness_templates: int = 2
     robustness_photos_per_person: int | None = None
     degradations: tuple[Degradation, ...] = DEGRADATIONS
-    attack: AttackSettings = field(default_factory=AttackSettings)
+    attack: LiraSettings = field(default_factory=LiraSettings)
     privacy: bool = True
     torch_threads: int = 1
     quick: bool = False
@@ -59,10 +68,10 @@ class EvalConfig:
     @classmethod
     def quick_config(cls, people_dir: Path, templates_dir: Path, out_dir: Path, **overrides) -> "EvalConfig":
         """A small run for tests and smoke checks (about a minute on 2 cores): 2 photos per person, 2 templates,
-        1 photo per person and 1 template for robustness, 2 short adapters per privacy arm."""
+        1 photo per person and 1 template for robustness, a small privacy audit (6 adapters per arm)."""
         base = dict(people_dir=Path(people_dir), templates_dir=Path(templates_dir), out_dir=Path(out_dir),
                     max_templates=2, max_photos_per_person=2, robustness_templates=1,
-                    robustness_photos_per_person=1, attack=AttackSettings(adapters=2, steps=30, draws=4), quick=True)
+                    robustness_photos_per_person=1, attack=QUICK_AUDIT, quick=True)
         base.update(overrides)
         return cls(**base)
 
@@ -134,14 +143,17 @@ def run_evaluation(config: EvalConfig, *, backend=None, analyzer: FaceAnalyzer |
             privacy = None
             if config.privacy:
                 t = time.time()
-                dirs = [config.people_dir, config.templates_dir]
+                dirs = [config.templates_dir]
                 if config.extra_faces_dir is not None:
                     dirs.append(config.extra_faces_dir)
-                crops, labels = face_pool(photos_in(dirs), analyzer)
-                task = progress.add_task("privacy: adapters (steps)",
-                                         total=2 * config.attack.adapters * config.attack.steps)
-                privacy = run_membership_inference(crops, config.attack, advance=lambda n: progress.advance(task, n))
-                privacy["pool"] = labels
+                size = config.attack.resolution
+                crops, labels = face_pool(photos_in(dirs), analyzer, size=size)
+                people = {p.name: face_pool(photos_in([config.people_dir / p.name]), analyzer, size=size)[0]
+                          for p in data.people}
+                task = progress.add_task("privacy: LiRA adapters (steps)",
+                                         total=config.attack.adapters * sum(a.steps for a in config.attack.arms))
+                privacy = run_lira_audit(crops, people, config.attack, advance=lambda n: progress.advance(task, n))
+                privacy["pool"] = labels[: config.attack.pool_size]
                 timings["privacy"] = time.time() - t
     finally:
         torch.set_num_threads(threads)
@@ -226,10 +238,14 @@ def headline(result: dict) -> dict:
         for kind, v in result["robustness"]["by_degradation"].items()
     }
     if result["privacy"] is not None:
-        arms = result["privacy"]["arms"]
-        out["privacy"] = {arm: {"auc_pooled": a["auc_pooled"], "auc_pooled_ci95": a["auc_pooled_ci95"],
-                                "auc_mean": a["auc_mean"], "epsilon": a["epsilon"], "delta": a["delta"]}
-                          for arm, a in arms.items()}
+        priv = result["privacy"]
+        out["privacy"] = {"powered": priv["powered"], "verdict": priv["verdict"], "arms": {
+            arm: {"auc": a.get("auc"), "auc_ci95": a.get("ci95", {}).get("auc"), "tpr_at_fpr_1pct":
+                  a.get("tpr_at_fpr_1pct"), "tpr_at_fpr_0.1pct": a.get("tpr_at_fpr_0.1pct"),
+                  "epsilon_per_photo": a.get("epsilon_per_photo"), "within_bound": a.get("within_bound"),
+                  "person_level_auc": a.get("person_level", {}).get("auc"),
+                  "canary_exposure": a.get("canary", {}).get("exposure_mean")}
+            for arm, a in priv["arms"].items()}}
     return out
 
 
@@ -250,7 +266,7 @@ def write_outputs(result: dict, examples: dict[str, np.ndarray], out_dir: Path) 
     paths["robustness_plot"] = plots.plot_robustness(result["robustness"]["by_degradation"],
                                                      out_dir / "plots" / "robustness.png")
     if result["privacy"] is not None:
-        paths["privacy_plot"] = plots.plot_privacy(result["privacy"], out_dir / "plots" / "privacy_mia.png")
+        paths["privacy_plot"] = plots.plot_privacy_audit(result["privacy"], out_dir / "plots" / "privacy_audit.png")
     paths["html"] = write_summary(result, examples, paths, out_dir / REPORT_NAME)
     return paths
 

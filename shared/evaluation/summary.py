@@ -86,20 +86,32 @@ def sections(result: dict, examples: dict[str, np.ndarray], paths: dict[str, Pat
 
     if priv is not None:
         s = priv["settings"]
-        psec = Section("Privacy: membership inference on Identity Net adapters", paragraphs=[
-            f"Pool of {priv['pool_size']} face crops; each of {s['adapters']} adapters per arm trained on a random "
-            f"{priv['members_per_adapter']} of them for {s['steps']} steps (tiny in-code base model, "
-            f"{s['resolution']} px, lr {s['learning_rate']}, batch {s['batch_size']}). Attack score: base-model loss "
-            f"minus adapter loss on {s['draws']} fixed (noise, timestep) draws. AUC 0.5 = guessing.",
-            "DP arm: Opacus, noise multiplier "
-            f"{s['noise_multiplier']}, clipping {s['max_grad_norm']}, epsilon from the accountant at delta {s['delta']}."])
-        psec.tables.append((["arm", "pooled AUC", "95% CI", "mean AUC per adapter", "std", "raw-loss AUC", "epsilon"],
-                            [[arm, a["auc_pooled"], f"{a['auc_pooled_ci95'][0]:.2f}-{a['auc_pooled_ci95'][1]:.2f}",
-                              a["auc_mean"], a["auc_std"], a["raw_loss_auc_mean"],
-                              "none (not private)" if a["epsilon"] is None else a["epsilon"]]
-                             for arm, a in priv["arms"].items()]))
+        psec = Section("Privacy: LiRA membership audit of Identity Net adapters", paragraphs=[
+            f"{s['adapters']} adapters per arm, each trained on 4 to 8 rows (a person's photo count): "
+            f"{s['photos_per_adapter']} of a pool of {s['pool_size']} face crops, the photos of the people drawn in, "
+            f"and one canary. Each adapter in turn is the target, the others its shadows; per-photo scores are "
+            "LiRA likelihood ratios (offline, against the shadows that did not train on the photo). Intervals are "
+            "95 % bootstraps over photos. " + priv["setting_note"] + ".",
+            f"Verdict: {priv['verdict']}. A DP result is compared with the bound its epsilon implies: "
+            "TPR <= e^eps * FPR + delta."])
+        rows = []
+        for arm, a in priv["arms"].items():
+            ci = a.get("ci95", {}).get("auc")
+            rows.append([arm, a.get("auc"), f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-", a.get("tpr_at_fpr_1pct"),
+                         a.get("tpr_at_fpr_0.1pct"),
+                         "none (no DP)" if a.get("epsilon_per_photo") is None else a["epsilon_per_photo"],
+                         a.get("bound_tpr_at_fpr_1pct", "-"), a.get("person_level", {}).get("auc", "-"),
+                         a.get("canary", {}).get("exposure_mean", "-")])
+        psec.tables.append((["arm", "AUC", "95% CI", "TPR @ FPR 1%", "TPR @ FPR 0.1%", "epsilon per photo",
+                             "bound on TPR @ 1%", "person-level AUC", "canary exposure"], rows))
+        psec.tables.append((["noise multiplier", "epsilon per photo", "epsilon per person",
+                             "held-out denoising loss"],
+                            [["none" if r["noise_multiplier"] is None else r["noise_multiplier"],
+                              r["epsilon_per_photo"], r["epsilon_per_person"], r["heldout_denoising_loss"]]
+                             for r in priv.get("curve", [])]))
         if "privacy_plot" in paths:
-            psec.image_rows.append([Figure(_png(paths["privacy_plot"]), "attack ROC", max_side=500)])
+            psec.image_rows.append([Figure(_png(paths["privacy_plot"]), "LiRA ROC and privacy-utility curve",
+                                           max_side=900)])
         out.append(psec)
     return out
 

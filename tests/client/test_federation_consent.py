@@ -24,7 +24,7 @@ from megaportrait.shared import audit
 pytestmark = pytest.mark.slow
 
 RUN = {"secure-aggregation": False, "local-steps": 1, "min-sites": 2, "clipping": "adaptive", "clipping-norm": 1e-4,
-       "epsilon-budget-per-site": 100.0}
+       "clipped-count-stddev": 1.0}
 REVOKED = "person-obama"
 
 

@@ -3,7 +3,8 @@
 Three simulated sites hold real photos (../shared/data people, template portraits as extra people, skimage's
 astronaut), every person with federated-training consent in their site's ledger. Site A first personalises an
 adapter for one person (kept at the site, as in real use), then all three take part in two SecAgg+ rounds with
-adaptive clipping (so the clipping bit Flower's mod adds is among what is checked). Every outgoing message is
+fixed clipping and distributed DP (adaptive clipping is refused under SecAgg+: its clipped bit would travel in the
+clear). Every outgoing message is
 captured by the site's own `outbox_audit_mod` (the exact bytes Flower pushes) and checked for: crop pixel rows, raw
 photo file bytes, the per-person adapter's tensors, person refs, and any record or key outside what the site is
 allowed to send.
@@ -30,7 +31,7 @@ ALLOWED_CONFIG_KEYS = {
     # answers to the budget query (GetPropertiesRes in Flower's legacy record layout)
     "getpropertiesres.properties": set(federation.PROPERTY_KEYS),
     "getpropertiesres.status": {"code", "message"},
-    "fitres.metrics": set(federation.METRIC_KEYS) | {KEY_NORM_BIT},
+    "fitres.metrics": set(federation.METRIC_KEYS),
     "fitres.status": {"code", "message"},
     "fitres.num_examples": {"num_examples"},
 }
@@ -80,7 +81,7 @@ def federated(tmp_path_factory, people, templates, astronaut):
         federation.record_federated_consent(federation.SiteConsent.in_folder(root / "consent" / site), site,
                                             sorted(p.name for p in (sites_dir / site).iterdir()), actor="test")
     result = simulate(sites_dir, root / "coordinator", site_state_dir=site_state, consent=root / "consent",
-                      run_config={"num-server-rounds": 2, "secure-aggregation": True, "clipping": "adaptive"})
+                      run_config={"num-server-rounds": 2, "secure-aggregation": True, "clipping": "fixed"})
     return {"root": root, "sites_dir": sites_dir, "site_state": site_state, "result": result, "person": person}
 
 
@@ -101,9 +102,12 @@ def test_rounds_complete_and_every_site_reports_its_accountant_epsilon(federated
     for r in (1, 2):
         dp = load_checkpoint(result.state_dir, round=r).meta["dp"]
         assert dp["weighting"] == "unweighted" and dp["sites_aggregated"] == 3
-        assert dp["noise_stddev"] == pytest.approx(dp["noise_multiplier"] * dp["clipping_norm"] / 3)
+        # Distributed DP: each site added z * C / sqrt(min-sites); the sum of three carries z * sqrt(3 / 2).
+        assert dp["dp_mode"] == "distributed" and dp["noise_added_by"] == "sites"
+        assert dp["noise_stddev"] == pytest.approx(dp["noise_multiplier"] * dp["clipping_norm"] * (3 / 2) ** 0.5 / 3)
         report = result.status["round_reports"][str(r)]
-        assert "non_unit_weights" not in report and report["examples"]["site-a"] > 1
+        # site-a trains on 4 crops; the count leaves it only as its power-of-ten bucket (1)
+        assert "non_unit_weights" not in report and report["examples"]["site-a"] == 1
     for site in ("site-a", "site-b", "site-c"):
         ledger = federation.SitePrivacyLedger(federated["site_state"] / site / federation.LEDGER_FILE)
         assert len(ledger.history) == 2
@@ -147,6 +151,12 @@ def test_no_image_bytes_and_no_person_adapter_leave_a_site(federated):
                 else:
                     assert name in ALLOWED_CONFIG_KEYS, f"{site}: unexpected record {name}"
                     assert set(record["items"]) <= ALLOWED_CONFIG_KEYS[name], (name, record["items"])
+                if record["kind"] == "metrics":
+                    # nothing unaccounted: no training loss, the crop count only as a power-of-ten bucket
+                    assert "round-loss" not in record["items"] and KEY_NORM_BIT not in record["items"]
+                    for key in ("n-examples", "properties.n-examples"):
+                        if key in record["items"]:
+                            assert record["items"][key] in (0, 1, 10, 100, 1000), (name, record["items"])
     assert {"setup", "share_keys", "collect_masked_vectors", "unmask"} <= stages_seen
 
 

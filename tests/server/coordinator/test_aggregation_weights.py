@@ -142,7 +142,7 @@ class LoopbackGrid:
         return replies
 
 
-def _stub_site_app(site: str, *, flowers_clipping_only: bool = False) -> Any:
+def _stub_site_app(site: str, *, flowers_clipping_only: bool = False, updates: dict | None = None) -> Any:
     """A ClientApp whose "training" adds the site's known update; its mods are the real ones (client/federation.py's
     SecAgg+ and clipping mods), or, for an older site, Flower's `fixedclipping_mod` alone (weights by example count)."""
     from flwr.client import NumPyClient
@@ -153,13 +153,13 @@ def _stub_site_app(site: str, *, flowers_clipping_only: bool = False) -> Any:
 
     class StubSite(NumPyClient):
         def get_properties(self, config):
-            return {"site-id": site, "epsilon": 0.0, "epsilon-next": 1.0, "n-examples": EXAMPLES[site],
+            return {"site-id": site, "epsilon": 0.0, "epsilon-next": 1.0, "n-examples": EXAMPLES.get(site, 10),
                     "declined": 0, "decline-reason": ""}
 
         def fit(self, parameters, config):
-            metrics = {"site-id": site, "epsilon": 1.0, "n-examples": EXAMPLES[site], "declined": 0,
+            metrics = {"site-id": site, "epsilon": 1.0, "n-examples": EXAMPLES.get(site, 10), "declined": 0,
                        "decline-reason": ""}
-            return [p + u for p, u in zip(parameters, UPDATES[site])], EXAMPLES[site], metrics
+            return [p + u for p, u in zip(parameters, (updates or UPDATES)[site])], EXAMPLES.get(site, 10), metrics
 
     clipping = fixedclipping_mod if flowers_clipping_only else federation.clipping_mod
     return ClientApp(client_fn=lambda context: StubSite().to_client(),
@@ -175,24 +175,28 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def _run_round(tmp_path, *, secure_aggregation: bool, old_site: str | None = None):
-    """One federated round of the two stub sites through app.py's workflow; returns (strategy, checkpoints)."""
+def _run_round(tmp_path, *, secure_aggregation: bool, old_site: str | None = None, noise: float = 1e-6,
+               sites: tuple[str, ...] = ("big", "small"), updates: dict | None = None, arrays=GLOBAL,
+               min_sites: int = 2):
+    """One federated round of the stub sites through app.py's workflow; returns (strategy, checkpoints). The
+    default noise multiplier is tiny (distributed DP refuses none) so that the mean can be checked."""
     from flwr.app import Context, RecordDict
     from flwr.server import LegacyContext, ServerConfig
 
     from megaportrait.server.coordinator.app import build_workflow
 
     nodes = {}
-    for node_id, site in ((101, "big"), (102, "small")):
-        nodes[node_id] = (_stub_site_app(site, flowers_clipping_only=site == old_site),
+    for node_id, site in enumerate(sites, start=101):
+        nodes[node_id] = (_stub_site_app(site, flowers_clipping_only=site == old_site, updates=updates),
                           Context(run_id=7, node_id=node_id, node_config={}, state=RecordDict(), run_config={}))
     grid = LoopbackGrid(nodes)
     rounds = []
-    strategy = _strategy(tmp_path, grid=grid, secure_aggregation=secure_aggregation,
-                         on_round=lambda *a: rounds.append(a))
+    strategy = _strategy(tmp_path, grid=grid, secure_aggregation=secure_aggregation, noise=noise, arrays=arrays,
+                         min_sites=min_sites, on_round=lambda *a: rounds.append(a))
     server = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config={})
     legacy = LegacyContext(context=server, config=ServerConfig(num_rounds=1), strategy=strategy)
-    build_workflow({"secure-aggregation": secure_aggregation, "min-sites": 2, "round-timeout": 30.0})(grid, legacy)
+    build_workflow({"secure-aggregation": secure_aggregation, "min-sites": min_sites, "round-timeout": 30.0})(grid,
+                                                                                                         legacy)
     return strategy, rounds
 
 
@@ -203,7 +207,7 @@ def test_a_whole_round_aggregates_the_plain_mean(tmp_path, task_identity, secure
     _, arrays, sites, dp = rounds[0]
     assert sites == ["big", "small"] and dp["sites_aggregated"] == 2 and dp["weighting"] == "unweighted"
     # SecAgg+ quantises each site's parameters to 2**22 levels over [-8, 8]: a few 1e-6 of error per element.
-    _assert_arrays_close(arrays, PLAIN_MEAN, atol=2e-5 if secure_aggregation else 1e-6)
+    _assert_arrays_close(arrays, PLAIN_MEAN, atol=2e-5 if secure_aggregation else 1e-5)
     report = strategy.rounds[1]
     assert report["examples"] == EXAMPLES and "non_unit_weights" not in report  # the sites sent weight 1
 
@@ -218,4 +222,87 @@ def test_under_secagg_a_site_weighting_its_masked_update_by_example_count_voids_
 
     (tmp_path / "clear").mkdir()
     strategy, rounds = _run_round(tmp_path / "clear", secure_aggregation=False, old_site="big")
-    _assert_arrays_close(rounds[0][1], PLAIN_MEAN, atol=1e-6)
+    _assert_arrays_close(rounds[0][1], PLAIN_MEAN, atol=1e-5)
+
+
+# --- distributed DP under SecAgg+: the coordinator's unmasked view carries the full noise --------------------------
+
+BIG = 100_000
+
+
+@pytest.mark.parametrize("sites", [("big", "small"), ("big", "small", "third")], ids=["2-sites", "3-sites"])
+def test_under_secagg_the_unmasked_sum_the_coordinator_sees_carries_the_full_noise(tmp_path, task_identity, sites):
+    """Each site adds z * C / sqrt(min_sites) before masking; the coordinator adds nothing, so what it unmasks (the
+    checkpointed mean) carries noise of stddev z * C * sqrt(n / min_sites) / n, never less than z * C / n."""
+    zero = [np.zeros(BIG, np.float32)]
+    step = np.zeros(BIG, np.float32)
+    step[0] = 0.5  # a known clipped update (norm 0.5 < C = 1), the same at every site
+    updates = {s: [step] for s in sites}
+    z, n, n_min = 0.8, len(sites), 2
+    strategy, rounds = _run_round(tmp_path, secure_aggregation=True, noise=z, sites=sites, updates=updates,
+                                  arrays=zero, min_sites=n_min)
+    _, arrays, _, dp = rounds[0]
+    noise = arrays[0][1:]  # element 0 carries the update; the rest is noise alone
+    expected = z * 1.0 * np.sqrt(n / n_min) / n
+    assert float(noise.std()) == pytest.approx(expected, rel=0.03)
+    assert float(noise.std()) >= 0.97 * z * 1.0 / n  # the full noise of the sum: stddev >= z * C
+    assert abs(float(noise.mean())) < 5 * expected / np.sqrt(noise.size)
+    assert dp["dp_mode"] == "distributed" and dp["noise_added_by"] == "sites"
+    assert dp["effective_noise_multiplier"] == pytest.approx(z * np.sqrt(n / n_min))
+    assert dp["noise_stddev"] == pytest.approx(expected)
+    # The coordinator's own accountant recorded the round for every site at the multiplier the sum carried.
+    for site in sites:
+        assert strategy.ledger.sites[site].federation[0][0] == pytest.approx(z * np.sqrt(n / n_min))
+        assert dp["site_epsilon"][site] == pytest.approx(strategy.ledger.site_epsilon(site))
+        assert 0 < dp["site_epsilon"][site] < float("inf")
+
+
+def test_with_the_sites_noise_switched_off_the_coordinator_would_see_the_exact_mean(tmp_path, task_identity,
+                                                                                   monkeypatch):
+    """The check above can fail: if the sites skip their share, the unmasked view has (almost) no noise."""
+    from megaportrait.client import federation
+
+    monkeypatch.setattr(federation, "add_distributed_noise", lambda arrays, config: arrays)
+    zero = [np.zeros(BIG, np.float32)]
+    step = np.zeros(BIG, np.float32)
+    step[0] = 0.5
+    _, rounds = _run_round(tmp_path, secure_aggregation=True, noise=0.8, arrays=zero,
+                           updates={"big": [step], "small": [step]})
+    assert float(rounds[0][1][0][1:].std()) < 1e-4
+
+
+def test_central_dp_checks_every_update_norm_and_noises_the_sum_from_the_os_csprng(tmp_path, monkeypatch):
+    from megaportrait.shared import dp_noise
+
+    draws = []
+    real = dp_noise.secure_standard_normal
+    monkeypatch.setattr(dp_noise, "secure_standard_normal", lambda size: draws.append(size) or real(size))
+    rounds = []
+    strategy = _strategy(tmp_path, noise=0.5, on_round=lambda *a: rounds.append(a))
+    strategy.inner.sent_arrays = GLOBAL
+    results = _site_results({"big": 1, "small": 1})
+    # A third site sends an update of norm 3 (it did not clip): left out, named in the DP record.
+    results.append((_Proxy(3), _fit_res([g + u for g, u in zip(GLOBAL, UPDATES["big"])], 1,
+                                        **{"site-id": "rogue", "epsilon": 1.0, "n-examples": 1, "declined": 0})))
+    strategy.aggregate_fit(1, results, [])
+    dp = rounds[0][3]
+    assert dp["over_norm"] == {"rogue": pytest.approx(3.0)} and dp["sites_aggregated"] == 2
+    assert dp["dp_mode"] == "central" and dp["noise_added_by"] == "coordinator"
+    assert dp["noise_stddev"] == pytest.approx(0.5 * 1.0 / 2) and draws  # drawn from os.urandom
+    assert "rogue" not in dp["site_epsilon"]
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg"])
+def test_robust_aggregators_are_refused_under_dp(name):
+    from megaportrait.shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="refused"):
+        build_strategy({"strategy": name, "secure-aggregation": False, "server-noise-multiplier": 1.0}, GLOBAL, 2)
+    build_strategy({"strategy": name, "secure-aggregation": False, "server-noise-multiplier": 0.0}, GLOBAL, 2)
+
+
+def test_adaptive_clipping_is_refused_under_secagg():
+    from megaportrait.shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="clipped bit"):
+        build_strategy({"clipping": "adaptive", "secure-aggregation": True}, GLOBAL, 2)

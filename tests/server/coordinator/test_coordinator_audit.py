@@ -25,7 +25,7 @@ from megaportrait.shared.cli import app as cli
 
 pytestmark = pytest.mark.slow
 
-RUN = {"secure-aggregation": False, "local-steps": 1, "min-sites": 2, "epsilon-budget-per-site": 100.0}
+RUN = {"secure-aggregation": False, "local-steps": 1, "min-sites": 2}
 PERSONS = {"site-a": "person-template-a", "site-b": "person-biden", "site-c": "person-template-c"}
 
 
@@ -43,7 +43,7 @@ def coordinator(tmp_path_factory, people, templates):
                                             actor="test")
     state = root / "coordinator"
     state.mkdir()
-    (state / "budget.json").write_text(json.dumps({"budget_per_site": 100.0, "sites": {
+    (state / "budget.json").write_text(json.dumps({"budget_per_site": 64.0, "sites": {
         "site-c": {"epsilon": 150.0, "rounds": [], "refused": []}}}))
     runs = [simulate(sites_dir, state, site_state_dir=root / "site-state", consent=consent_dir,
                      run_config={**RUN, "num-server-rounds": rounds}) for rounds in (1, 2)]
@@ -75,7 +75,7 @@ def test_run_start_and_resume_are_recorded(coordinator):
         assert e.outcome == "ok" and e.policy == e.detail["config_sha256"] and e.policy in e.data
         assert e.detail["strategy"] == "fedavg" and e.detail["clipping"] == "fixed"
         assert e.detail["min_sites"] == 2 and e.detail["rounds"] == rounds
-        assert e.detail["epsilon_budget_per_site"] == 100.0 and e.detail["secure_aggregation"] is False
+        assert e.detail["epsilon_budget_per_site"] == 64.0 and e.detail["secure_aggregation"] is False
         assert e.detail["noise_multiplier"] > 0 and e.detail["clipping_norm"] > 0
     assert starts[0].policy != starts[1].policy  # num-server-rounds differs: another config version
     (resume,) = _entries(coordinator, "run.resume")
@@ -93,7 +93,7 @@ def test_each_round_names_its_sites_noise_adapter_and_checkpoint(coordinator):
         file_hash = auditing.file_sha256(checkpoint_dir(coordinator["state"]) / f"round-{r:04d}.npz")
         assert e.outcome == "ok"
         assert e.detail["admitted"] == e.detail["aggregated"] == ckpt.sites == ["site-a", "site-b"]
-        assert e.detail["refused"] == {"site-c": {"epsilon_next": 150.0, "budget": 100.0}}
+        assert e.detail["refused"] == {"site-c": {"epsilon_next": 150.0, "budget": 64.0}}
         assert e.detail["declined"] == {} and e.detail["failures"] == 0
         assert e.detail["dp"]["noise_stddev"] > 0
         assert e.detail["dp"]["noise_stddev"] == pytest.approx(ckpt.meta["dp"]["noise_stddev"])
@@ -107,7 +107,7 @@ def test_budget_refusals_are_refused_entries(coordinator):
     refusals = _entries(coordinator, "budget.refuse")
     assert [(e.outcome, e.actor, e.detail["round"]) for e in refusals] == [
         ("refused", "site:site-c", 1), ("refused", "site:site-c", 2)]
-    assert all(e.detail["epsilon_next"] == 150.0 and e.detail["budget"] == 100.0 for e in refusals)
+    assert all(e.detail["epsilon_next"] == 150.0 and e.detail["budget"] == 64.0 for e in refusals)
 
 
 def test_no_personal_data_in_the_log(coordinator):

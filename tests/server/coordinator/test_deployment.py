@@ -90,7 +90,10 @@ def job(federation):
     fed = federation
     state_dir = fed.root / "coordinator"
     budget = (epsilon_after(2, RUN["local-steps"]) + epsilon_after(3, RUN["local-steps"])) / 2
-    config = {**RUN, "epsilon-budget-per-site": budget, "state-dir": str(state_dir)}
+    policy = fed.root / "privacy.yaml"  # the per-photo budget between two and three rounds; per site: 3 rounds fit
+    policy.write_text(f"version: 1\ndelta: 1.0e-5\naccountant: rdp\nbudgets:\n  per_photo: {budget}\n"
+                      "  per_person: 100.0\n  per_site: 100.0\n")
+    config = {**RUN, "privacy-policy": str(policy), "state-dir": str(state_dir)}
     started = time.monotonic()
     run_a = fed.run(config)
     fed.wait_for(lambda: (c := load_checkpoint(state_dir)) is not None and c.round == 1, 420, "round 1", poll=0.2)

@@ -85,29 +85,34 @@ def test_robustness_degradations_are_ordered_and_refusals_reported(quick_eval):
     assert refused and all(c["refusal_detail"] and not c["identity"] for c in refused)
 
 
-def test_privacy_attack_auc_and_epsilon(quick_eval):
+def test_privacy_audit_reports_every_figure_and_no_dp_result_without_power(quick_eval):
     res, _ = quick_eval
     priv = res["privacy"]
-    assert priv["pool_size"] >= 16
-    for arm in ("no_dp", "dp"):
-        a = priv["arms"][arm]
-        assert 0.0 <= a["auc_pooled"] <= 1.0 and a["n_adapters"] == 2
-        assert a["auc_pooled_ci95"][0] <= a["auc_pooled"] <= a["auc_pooled_ci95"][1]
-    assert priv["arms"]["no_dp"]["epsilon"] is None
-    dp = priv["arms"]["dp"]
-    assert dp["epsilon"] is not None and np.isfinite(dp["epsilon"]) and dp["epsilon"] > 0
-    assert dp["privacy_report"]["accountant"] == "rdp" and dp["privacy_report"]["noise_multiplier"] == 1.0
+    control = priv["arms"]["positive_control"]
+    assert control["n_scores"] > 0 and 0.0 <= control["auc"] <= 1.0 and control["epsilon_per_photo"] is None
+    assert control["ci95"]["auc"][0] <= control["auc"] <= control["ci95"]["auc"][1]
+    assert {"tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct", "canary", "person_level"} <= set(control)
+    # the quick audit is too small for its positive control: the report must say so and hide the DP arm
+    assert priv["powered"] == (control["auc"] >= 0.8)
+    if not priv["powered"]:
+        assert "NO POWER" in priv["verdict"] and "production_dp" not in priv["arms"]
+    else:
+        dp = priv["arms"]["production_dp"]
+        assert dp["epsilon_per_photo"] > 0 and "bound_tpr_at_fpr_1pct" in dp
+    curve = priv["curve"]
+    assert [r["noise_multiplier"] for r in curve] == [None, 1.0]
+    assert curve[1]["epsilon_per_person"] > curve[1]["epsilon_per_photo"] > 0
 
 
 def test_outputs_plots_and_html(quick_eval):
     res, out = quick_eval
-    for name in ("identity_by_stage", "fairness_by_band", "robustness", "privacy_mia"):
+    for name in ("identity_by_stage", "fairness_by_band", "robustness", "privacy_audit"):
         png = out / "plots" / f"{name}.png"
         img = np.asarray(Image.open(png).convert("RGB"))
         assert img.shape[0] > 200 and img.shape[1] > 300 and img.std() > 10, name
     html = (out / "report.html").read_text()
     for title in ("Identity preservation by stage", "Fairness by skin tone", "Robustness to poor source photos",
-                  "Privacy: membership inference"):
+                  "Privacy: LiRA membership audit"):
         assert title in html
     assert len(re.findall(r"data:image/png;base64,", html)) >= 4 + 4  # 4 plots + 4 example renders
     assert set(res) >= {"meta", "identity", "fairness", "robustness", "privacy", "headline"}

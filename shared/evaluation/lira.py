@@ -1,0 +1,375 @@
+"""Privacy audit of Identity Net adapters: a LiRA-style membership attack with a positive control, beside the bound
+each arm's epsilon implies, and a privacy-utility curve.
+
+Production setting: each adapter trains on 4 to 8 rows (a person's photo count) with the given steps and DP
+settings; `adapters` of them are trained, and each in turn is the target while the others are its shadows
+(leave-one-out). Per photo and target, the attack score is the adapter's loss reduction on the photo (base loss
+minus adapter loss, fixed draws); LiRA (Carlini et al. 2022, offline variant, since a photo is in few shadows)
+standardises it against the shadows that did *not* train on the photo: z = (s - mean_out) / std_out. Reported:
+AUC, TPR at FPR 1 % and 0.1 %, each with a 95 % bootstrap interval over *photos* (a photo's scores are resampled
+together); a person-level variant (all but one of a person's photos in or out, attacked with the held-out one);
+canary exposure; and for a DP arm the bound TPR <= e^eps * FPR + delta its epsilon (Opacus; per photo, and per
+person for the person-level attack) implies. The positive control trains without DP and with more steps; if its
+AUC is below `control_min_auc` the audit has no power and no DP result is reported.
+
+The privacy-utility curve trains on all but one photo of a person at a few noise levels and reports epsilon per
+photo and per person (group of the person's photos, `shared.accounting`) against the denoising loss on the held-out
+photo of the same person.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Sequence
+
+import numpy as np
+
+from megaportrait.shared.config import IdentitySettings
+
+from .dataset import EvaluationError
+from .privacy import _subset, per_crop_losses, rank_auc, sd_like
+
+log = logging.getLogger("megaportrait.evaluation.lira")
+
+
+@dataclass(frozen=True)
+class ArmSettings:
+    """One arm's training: steps, learning rate and DP (noise multiplier None = no DP)."""
+
+    name: str
+    steps: int
+    learning_rate: float
+    noise_multiplier: float | None
+
+    def identity_settings(self, base: "LiraSettings", seed: int) -> IdentitySettings:
+        return IdentitySettings(steps=self.steps, learning_rate=self.learning_rate, batch_size=base.batch_size,
+                                rank=base.rank, alpha=float(base.rank), resolution=base.resolution,
+                                dp_enabled=self.noise_multiplier is not None,
+                                noise_multiplier=self.noise_multiplier or 1.0, max_grad_norm=base.max_grad_norm,
+                                delta=base.delta, seed=seed, prior_preservation=False)
+
+
+@dataclass(frozen=True)
+class LiraSettings:
+    """The audit. Defaults: the production adapter (IdentitySettings' 30 steps, lr 1e-3, noise 1.0) and a positive
+    control without DP at 1000 steps and lr 1e-2; 16 adapters per arm; 3 pool photos per adapter (plus the people
+    drawn in and a canary)."""
+
+    adapters: int = 16
+    photos_per_adapter: int = 3
+    pool_size: int = 12
+    arms: tuple[ArmSettings, ...] = (ArmSettings("positive_control", 1000, 1e-2, None),
+                                     ArmSettings("production_dp", 30, 1e-3, 1.0))
+    rank: int = 4
+    batch_size: int = 4
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    draws: int = 16
+    max_timestep: int = 100
+    resolution: int = 64
+    control_min_auc: float = 0.8
+    canaries: int = 16
+    bootstrap: int = 500
+    keep_raw: bool = False
+    workers: int = 1
+    """Processes training adapters at once (each with one torch thread and its own copy of the tiny model)."""
+    curve_noise: tuple[float | None, ...] = (None, 4.0, 2.0, 1.0, 0.5)
+    curve_steps: int = 30
+    seed: int = 0
+
+
+@dataclass
+class ArmResult:
+    name: str
+    scores: list[float] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    photo: list[int] = field(default_factory=list)
+    epsilon: float | None = None
+
+
+def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float:
+    """Largest TPR over thresholds whose FPR is at most `fpr` (0 when no threshold qualifies but +inf)."""
+    order = np.argsort(-scores, kind="stable")
+    lab = labels[order]
+    pos, neg = max(1, int(lab.sum())), max(1, int((1 - lab).sum()))
+    tp, fp = np.cumsum(lab), np.cumsum(1 - lab)
+    ok = fp / neg <= fpr
+    return float((tp[ok] / pos).max()) if ok.any() else 0.0
+
+
+def _metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
+    return {"auc": rank_auc(scores[labels == 1], scores[labels == 0]), "tpr_at_fpr_1pct": tpr_at_fpr(scores, labels, 0.01),
+            "tpr_at_fpr_0.1pct": tpr_at_fpr(scores, labels, 0.001)}
+
+
+def bootstrap_over_photos(scores: np.ndarray, labels: np.ndarray, photo: np.ndarray, n: int, seed: int) -> dict:
+    """95 % percentile intervals of `_metrics`, resampling photos (each with all its scores) with replacement."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(photo)
+    rows = {p: np.flatnonzero(photo == p) for p in ids}
+    stats: dict[str, list[float]] = {}
+    for _ in range(n):
+        take = np.concatenate([rows[p] for p in rng.choice(ids, len(ids))])
+        if labels[take].min() == labels[take].max():
+            continue
+        for k, v in _metrics(scores[take], labels[take]).items():
+            stats.setdefault(k, []).append(v)
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in stats.items()}
+
+
+def lira_scores(losses: np.ndarray, base: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offline LiRA. losses: (A, P) adapter loss per adapter and photo; members: (A, P) bool. For each target a,
+    the score of photo p is its loss reduction standardised against the other adapters without p. Returns
+    (scores (A, P), valid (A, P): at least two out-shadows)."""
+    reduction = base[None, :] - losses
+    n_adapters = losses.shape[0]
+    scores = np.zeros_like(reduction)
+    valid = np.zeros(reduction.shape, bool)
+    for a in range(n_adapters):
+        others = np.arange(n_adapters) != a
+        for p in range(losses.shape[1]):
+            out = reduction[others & ~members[:, p], p]
+            if len(out) < 2:
+                continue
+            scores[a, p] = (reduction[a, p] - out.mean()) / max(out.std(ddof=1), 1e-9)
+            valid[a, p] = True
+    return scores, valid
+
+
+def _train_and_score(components, ts, rows: np.ndarray, settings: IdentitySettings, seed: int, lira: LiraSettings,
+                     loss_seed: int):
+    import torch
+
+    from megaportrait.client.identity import attach_lora, detach_lora, train_lora
+
+    unet = attach_lora(components["unet"], settings)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _, report = train_lora(components, _subset(ts, rows), settings, progress=False,
+                                   dp_noise_seed=seed if settings.dp_enabled else None)
+        losses = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
+    finally:
+        detach_lora(unet)
+    return losses, report
+
+
+def canary_images(n: int, size: int, seed: int) -> list[np.ndarray]:
+    """`n` distinct synthetic canaries: (size, size, 3) uint8 images of random 8x8-pixel colour blocks."""
+    rng = np.random.default_rng(seed)
+    blocks = size // 8
+    return [np.kron(rng.integers(0, 256, (blocks, blocks, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+            for _ in range(n)]
+
+
+def exposure(reductions: np.ndarray, inserted: int) -> float:
+    """Secret-sharer exposure (Carlini et al. 2019) of candidate `inserted` among `reductions` (loss reduction per
+    candidate; the larger, the more memorised): log2(candidates) - log2(rank)."""
+    rank = 1 + int(np.sum(reductions > reductions[inserted]))
+    return math.log2(len(reductions)) - math.log2(rank)
+
+
+def _arm_summary(scores: np.ndarray, valid: np.ndarray, members: np.ndarray, clusters: np.ndarray, lira: LiraSettings,
+                 ) -> dict:
+    s, lab, photo = scores[valid], members[valid].astype(int), clusters[valid]
+    if lab.min() == lab.max():
+        return {"n_scores": int(len(s)), "note": "all scores on one side: no AUC"}
+    return {**_metrics(s, lab), "ci95": bootstrap_over_photos(s, lab, photo, lira.bootstrap, lira.seed),
+            "n_scores": int(len(s)), "n_members": int(lab.sum()), "n_clusters": int(len(np.unique(photo)))}
+
+
+def _arm_result(arm: ArmSettings, losses_arr: np.ndarray, reports: list, eps: float | None, base: np.ndarray,
+                membership: np.ndarray, person_in: np.ndarray, held: list[int], canary_rows: list[int],
+                inserted: list[int], persons: dict, lira: LiraSettings) -> dict:
+    """One arm's three attacks (per photo, per person, canaries) from its adapters' losses."""
+    from megaportrait.shared.accounting import epsilon, group_history, membership_bound
+
+    scores, valid = lira_scores(losses_arr[:, : lira.pool_size], base[: lira.pool_size], membership)
+    photo_ids = np.broadcast_to(np.arange(lira.pool_size), scores.shape)
+    summary = {**_arm_summary(scores, valid, membership, photo_ids, lira), "settings": asdict(arm),
+               "epsilon_per_photo": eps}
+    summary["roc_scores"] = {"scores": scores[valid].round(4).tolist(), "labels": membership[valid].astype(int).tolist()}
+    if persons:
+        p_scores, p_valid = lira_scores(losses_arr[:, held], base[held], person_in)
+        p_ids = np.broadcast_to(np.arange(len(persons)), p_scores.shape)
+        summary["person_level"] = {**_arm_summary(p_scores, p_valid, person_in, p_ids, lira),
+                                   "people": list(persons),
+                                   "note": f"{len(persons)} real people: the interval over people is wide"}
+    reductions = base[canary_rows][None, :] - losses_arr[:, canary_rows]
+    exposures = [exposure(reductions[a], inserted[a]) for a in range(lira.adapters)]
+    chance = math.log2(len(canary_rows)) - float(np.mean([math.log2(r) for r in range(1, len(canary_rows) + 1)]))
+    summary["canary"] = {"exposure_mean": float(np.mean(exposures)), "exposure_max": float(np.max(exposures)),
+                         "exposure_at_chance": chance, "max_possible": math.log2(len(canary_rows)),
+                         "candidates": len(canary_rows)}
+    if eps is not None:
+        k = max((len(v) - 1 for v in persons.values()), default=1)
+        hist = [(r.noise_multiplier, r.sample_rate, r.steps) for r in reports[:1]]
+        summary["epsilon_per_person"] = epsilon(group_history(hist, k), lira.delta)
+        for level, key in (("", "epsilon_per_photo"), ("person_level", "epsilon_per_person")):
+            target = summary.get(level, {}) if level else summary
+            if "auc" not in target:
+                continue
+            e = summary[key]
+            target["bound_tpr_at_fpr_1pct"] = membership_bound(e, lira.delta, 0.01)
+            target["bound_tpr_at_fpr_0.1pct"] = membership_bound(e, lira.delta, 0.001)
+            target["within_bound"] = bool(target["tpr_at_fpr_1pct"] <= target["bound_tpr_at_fpr_1pct"] + 1e-9
+                                          and target["tpr_at_fpr_0.1pct"] <= target["bound_tpr_at_fpr_0.1pct"]
+                                          + 1e-9)
+    if lira.keep_raw:
+        summary["raw"] = {"losses": losses_arr.tolist(), "base": base.tolist(),
+                          "membership": membership.tolist(), "person_in": person_in.tolist(), "held": held,
+                          "canary_rows": canary_rows, "inserted": inserted}
+    log.info("LiRA %s: AUC %s, epsilon %s", arm.name, summary.get("auc"), eps)
+    return summary
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(rows: list[np.ndarray], lira: LiraSettings) -> None:
+    import torch
+
+    from megaportrait.client.identity import prepare_training_set
+    from megaportrait.shared.base_models import load_base_model
+
+    torch.set_num_threads(1)
+    components = load_base_model(None).components
+    plain = IdentitySettings(resolution=lira.resolution, prior_preservation=False)
+    _WORKER["components"] = components
+    _WORKER["ts"] = sd_like(prepare_training_set(components, rows, plain))
+
+
+def _worker_train(job: tuple) -> tuple:
+    train_rows, arm, a, lira, loss_seed = job
+    return _train_and_score(_WORKER["components"], _WORKER["ts"], train_rows, arm.identity_settings(lira, lira.seed + a),
+                            lira.seed + a, lira, loss_seed)
+
+
+def _worker_pool(rows: list[np.ndarray], lira: LiraSettings):
+    """Worker processes (spawned: no forked OpenMP state), each holding the same model and training set."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=lira.workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(list(rows), lira))
+
+
+def power_verdict(arms: dict[str, dict], min_auc: float) -> tuple[bool, str, dict[str, dict]]:
+    """(powered, verdict, the arms to show): without a positive control at AUC >= `min_auc` the audit has no power
+    and only the control is shown."""
+    auc = arms.get("positive_control", {}).get("auc", float("nan"))
+    if auc >= min_auc:
+        return True, f"the positive control reaches AUC {auc:.3f} >= {min_auc:.2f}: the audit has power", arms
+    return (False, f"the audit has NO POWER (positive control AUC {auc:.3f} below {min_auc:.2f}): no DP result is "
+            "shown", {k: v for k, v in arms.items() if k == "positive_control"})
+
+
+def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, *,
+                   advance: Callable[[int], None] | None = None) -> dict:
+    """The audit. pool: face crops ((S, S, 3) uint8) of people other than `people`'s, the per-photo targets; people:
+    name -> that person's crops (at least 2; the last is held out), the person-level targets and the curve's data.
+
+    Each adapter trains on `photos_per_adapter` pool photos, plus all but the held-out photo of each person drawn
+    in for it (probability 1/2 each), plus one canary: 4 to 8 rows, a person's photo count. Three attacks on the
+    same adapters: per photo (offline LiRA on the pool photos), per person (offline LiRA on each person's held-out
+    photo: did the adapter train on the person's other photos?) and canary exposure."""
+    from megaportrait.client.identity import prepare_training_set
+    from megaportrait.shared.accounting import epsilon, group_history
+    from megaportrait.shared.base_models import load_base_model
+
+    if len(pool) < lira.pool_size:
+        raise EvaluationError(f"the audit needs {lira.pool_size} face crops in its pool, got {len(pool)}")
+    persons = {k: list(v) for k, v in sorted(people.items()) if len(v) >= 2}
+    base_model = load_base_model(None)
+    components = base_model.components
+    canaries = canary_images(lira.canaries, lira.resolution, lira.seed + 777)
+    rows = list(pool[: lira.pool_size])
+    person_rows: dict[str, list[int]] = {}
+    for name, crops in persons.items():
+        person_rows[name] = list(range(len(rows), len(rows) + len(crops)))
+        rows += crops
+    canary_rows = list(range(len(rows), len(rows) + len(canaries)))
+    rows += canaries
+    plain = IdentitySettings(resolution=lira.resolution, prior_preservation=False)
+    ts = sd_like(prepare_training_set(components, rows, plain))
+    loss_seed = lira.seed + 10_000
+    base = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
+    rng = np.random.default_rng(lira.seed)
+    membership = np.zeros((lira.adapters, lira.pool_size), bool)
+    person_in = np.zeros((lira.adapters, len(persons)), bool)
+    training: list[np.ndarray] = []
+    inserted = [a % len(canaries) for a in range(lira.adapters)]
+    for a in range(lira.adapters):
+        membership[a, rng.choice(lira.pool_size, lira.photos_per_adapter, replace=False)] = True
+        person_in[a] = rng.random(len(persons)) < 0.5
+        chosen = list(np.flatnonzero(membership[a]))
+        for j, name in enumerate(persons):
+            if person_in[a, j]:
+                chosen += person_rows[name][:-1]
+        chosen.append(canary_rows[inserted[a]])
+        training.append(np.array(sorted(chosen)))
+    held = [person_rows[name][-1] for name in persons]
+    arms: dict[str, dict] = {}
+    pool_exec = _worker_pool(rows, lira) if lira.workers > 1 else None
+    try:
+        for arm in lira.arms:
+            losses, eps, reports = [], None, []
+            if pool_exec is None:
+                results = (_train_and_score(components, ts, training[a], arm.identity_settings(lira, lira.seed + a),
+                                            lira.seed + a, lira, loss_seed) for a in range(lira.adapters))
+            else:
+                results = pool_exec.map(_worker_train, [(training[a], arm, a, lira, loss_seed)
+                                                        for a in range(lira.adapters)])
+            for adapted, report in results:
+                losses.append(adapted)
+                reports.append(report)
+                eps = report.epsilon if report.epsilon is None else max(eps or 0.0, report.epsilon)
+                if advance:
+                    advance(arm.steps)
+            arms[arm.name] = _arm_result(arm, np.stack(losses), reports, eps, base, membership, person_in, held,
+                                         canary_rows, inserted, persons, lira)
+    finally:
+        if pool_exec is not None:
+            pool_exec.shutdown()
+    powered, verdict, arms = power_verdict(arms, lira.control_min_auc)
+    curve = privacy_utility_curve(components, persons, lira, epsilon, group_history)
+    after = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
+    if not np.allclose(after, base, rtol=1e-5, atol=1e-7):
+        raise EvaluationError("the base UNet changed during the audit (LoRA not fully detached); results invalid")
+    return {"settings": {k: v for k, v in asdict(lira).items() if k != "arms"}, "arms": arms, "powered": powered,
+            "verdict": verdict, "curve": curve, "adapter_rows": [int(len(t)) for t in training],
+            "setting_note": "tiny in-code base model at 64 px with SD-like latents; per-photo targets are pool "
+                            "photos of other people; each adapter trains on 4 to 8 rows (pool photos, the photos of "
+                            "the people drawn in, one canary)"}
+
+
+def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, epsilon,
+                          group_history) -> list[dict]:
+    """Per noise level: epsilon per photo and per person (Opacus) and the held-out denoising loss of the person's
+    adapter (all but one photo trained, the last held out), averaged over `people`."""
+    from megaportrait.client.identity import prepare_training_set
+
+    rows = []
+    for z in lira.curve_noise:
+        arm = ArmSettings(f"z={z}", lira.curve_steps, 1e-3, z)
+        held, eps_photo, eps_person = [], [], []
+        for i, (name, crops) in enumerate(sorted(people.items())):
+            if len(crops) < 2:
+                continue
+            settings = arm.identity_settings(lira, lira.seed + i)
+            ts = sd_like(prepare_training_set(components, list(crops), settings))
+            train = np.arange(len(crops) - 1)
+            losses, report = _train_and_score(components, ts, train, settings, lira.seed + i, lira, lira.seed + 20_000)
+            held.append(float(losses[-1]))
+            if report.epsilon is None:
+                eps_photo.append(math.inf)
+                eps_person.append(math.inf)
+            else:
+                hist = [(report.noise_multiplier, report.sample_rate, report.steps)]
+                eps_photo.append(report.epsilon)
+                eps_person.append(epsilon(group_history(hist, len(train)), lira.delta))
+        if held:
+            rows.append({"noise_multiplier": z, "epsilon_per_photo": max(eps_photo), "epsilon_per_person":
+                         max(eps_person), "heldout_denoising_loss": float(np.mean(held)), "people": len(held)})
+    return rows
