@@ -89,10 +89,12 @@ def test_a_revoked_person_is_out_of_the_next_round(rounds):
     assert not revoked & used_2 and used_2 == kept
     assert (trained[1].detail["people"], trained[2].detail["people"]) == (2, 1)
     assert trained[2].detail["excluded_people"] == 1
-    # what the coordinator saw: site-a's example count fell by the revoked person's crops, nothing else
+    # the site trained on one crop per consented photo; the coordinator saw only the power-of-ten bucket of that count
+    assert (trained[1].detail["n_examples"], trained[2].detail["n_examples"]) == (len(used_1), len(used_2))
+    assert len(used_2) == len(used_1) - len(revoked)
     examples_1 = rounds["first"].status["round_reports"]["1"]["examples"]["site-a"]
     examples_2 = rounds["second"].status["round_reports"]["2"]["examples"]["site-a"]
-    assert examples_1 == len(used_1) and examples_2 == len(used_2) == examples_1 - len(revoked)
+    assert (examples_1, examples_2) == (federation.examples_bucket(len(used_1)), federation.examples_bucket(len(used_2)))
     # the consent checks of round 2 refused the person (audited), and no crop of theirs is left in the cache
     refusals = [e for e in entries(rounds, "site-a", "consent.check") if e.person == REVOKED and e.outcome == "refused"]
     assert refusals and {e.detail["reason"] for e in refusals} == {"consent_revoked"}
