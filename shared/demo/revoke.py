@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from .render import RenderRecord, RunningNode
 from .sites import ACTOR, Site
@@ -104,15 +105,18 @@ class AuditOutcome:
     refused: int
 
 
-def verify_logs(logs: list[tuple[str, object, Path]]) -> list[AuditOutcome]:
+def verify_logs(logs: list[tuple[str, object, Path]], witnesses: Sequence[Path] = ()) -> list[AuditOutcome]:
     """Close (checkpoint) and verify each (component, AuditLog, public key file): chain, signatures and checkpoints,
-    with the public key file alone (as an auditor would)."""
-    from megaportrait.shared.audit import read_entries, verify
+    with the public key file alone (as an auditor would), and against the checkpoints kept in `witnesses` (folders
+    of `shared.audit.WitnessStore`, e.g. each site's copy of the render node's)."""
+    from megaportrait.shared.audit import WitnessStore, load_public_key, read_entries, verify
 
     out = []
     for component, audit_log, public_key_file in logs:
         audit_log.close()
-        report = verify(audit_log.path, Path(public_key_file))
+        key = load_public_key(Path(public_key_file))
+        kept = [cp for folder in witnesses for cp in WitnessStore(folder).checkpoints(key)]
+        report = verify(audit_log.path, key, trusted_checkpoints=kept)
         actions: dict[str, int] = {}
         refused = 0
         for entry in read_entries(audit_log.path):

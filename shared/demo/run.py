@@ -149,7 +149,7 @@ def run_demo(settings: DemoSettings, *, show_progress: bool = True, console=None
                 logs = [(f"site:{s.site_id}", s.audit, s.root / "keys" / "site.key.pub") for s in sites]
                 if node.audit is not None:
                     logs.append((f"render-node:{node.node_info['node_id']}", node.audit, node.audit_public_key_file))
-                audits = verify_logs(logs, witnesses=[s.root / "witness" for s in sites])
+                audits = verify_logs(logs, witnesses=[s.site.witness.directory for s in sites])
 
             timings["total_before_report"] = time.perf_counter() - started
             summary = build_summary(settings, run_dir, roster, sites, fed, adapters, node, records, refusals,
