@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,35 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def serve_on_loopback():
+    """`with serve_on_loopback(app) as port:` an ASGI app served by uvicorn on 127.0.0.1 for the block."""
+    return _serve_on_loopback
+
+
+@contextmanager
+def _serve_on_loopback(app):
+    """Serve an ASGI app with uvicorn on a free 127.0.0.1 port in a thread; yields the port, stops it on exit."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -96,7 +96,7 @@ def test_revoked_persons_data_is_gone_everywhere(quick_demo):
     s = quick_demo.summary
     rv = s["revocation"]
     assert rv["person"] == "biden" and rv["site"] == "site-b" and rv["ok"] and rv["complete"]
-    ref = rv["ref"]
+    ref = rv["person_ref"]
     work = Path(s["run_dir"]) / "work"
     # site: no folder of the person in any store; their crop-cache file is gone; the others' data is still there
     stores = work / "sites" / "site-b" / "stores"

@@ -13,27 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from megaportrait.client.revocation import Revocation
+
 from .render import RenderRecord, RunningNode
 from .sites import ACTOR, Site
 
 log = logging.getLogger("megaportrait.demo")
 
 
-@dataclass
-class RevocationOutcome:
-    """What revocation did and what the checks after it found (each check: (what, passed, detail))."""
+@dataclass(kw_only=True)
+class RevocationOutcome(Revocation):
+    """What the site's revocation did (`client.revocation.Revocation`) and what the demo's checks after it found
+    (each check: (what, passed, detail))."""
 
     site: str
     person: str
-    ref: str
-    complete: bool
-    pending: list[str]
-    receipts_revoked: int
-    site_deleted: dict[str, int]
-    still_readable: dict[str, int]
-    node_jobs_deleted: list[str]
-    node_keys_destroyed: int
-    node_statement_verified: bool
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
 
     @property
@@ -52,11 +46,7 @@ def revoke_one(site: Site, person_name: str, node: RunningNode, records: list[Re
     person = site.person(person_name)
     client = node.client(site.site_id)
     done = revoke(site.site, person.ref, node.connection(site.site_id), by="subject")
-    out = RevocationOutcome(
-        site=site.site_id, person=person.name, ref=person.ref, complete=done.complete, pending=done.pending,
-        receipts_revoked=done.receipts_revoked, site_deleted=done.site_deleted, still_readable=done.still_readable,
-        node_jobs_deleted=done.node_jobs_deleted, node_keys_destroyed=done.node_keys_destroyed,
-        node_statement_verified=done.node_statement_verified)
+    out = RevocationOutcome(**vars(done), site=site.site_id, person=person.name)
     conf = done
     out.checks.append(("nothing of the person is readable in any site store",
                        not any(out.still_readable.values()),

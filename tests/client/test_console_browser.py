@@ -12,9 +12,7 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -105,8 +103,7 @@ class Browser:
 
 
 @pytest.fixture
-def console(loopback_site):
-    import uvicorn
+def console(loopback_site, serve_on_loopback):
     import yaml
 
     from megaportrait.client.console import create_console_app
@@ -123,20 +120,8 @@ def console(loopback_site):
     settings = load_settings(site.config)
     opened = open_site(settings)
     app = create_console_app(settings, settings.policy.reviewers, site=opened)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield site, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serve_on_loopback(app) as port:
+        yield site, f"http://127.0.0.1:{port}"
     opened.close()
 
 

@@ -7,15 +7,11 @@ from __future__ import annotations
 import html
 import re
 import shutil
-import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-import uvicorn
 
 from megaportrait.server.audit_review import ReviewedLog, create_review_app, hash_password
 from megaportrait.shared import audit
@@ -29,7 +25,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, serve_on_loopback):
     tmp = tmp_path_factory.mktemp("review")
     key = audit.generate_signing_key(tmp / "site.key")
     log = audit.AuditLog(tmp / "site.jsonl", key, component="site:alpha", checkpoint_every=0)
@@ -39,20 +35,8 @@ def server(tmp_path_factory):
         log.append(action, actor="operator:1", person=person, outcome=outcome, policy="cd" * 32)
     log.checkpoint()
     app = create_review_app([ReviewedLog(log.path, key.public_key())], {"rita": hash_password("s3cret-pass")})
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield port, log, tmp
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serve_on_loopback(app) as port:
+        yield port, log, tmp
 
 
 def _dump_dom(url: str, profile: Path) -> str:
