@@ -90,9 +90,13 @@ def test_a_revoked_person_is_out_of_the_next_round(rounds):
     assert (trained[1].detail["people"], trained[2].detail["people"]) == (2, 1)
     assert trained[2].detail["excluded_people"] == 1
     # what the coordinator saw: site-a's example count fell by the revoked person's crops, nothing else
-    examples_1 = rounds["first"].status["round_reports"]["1"]["examples"]["site-a"]
-    examples_2 = rounds["second"].status["round_reports"]["2"]["examples"]["site-a"]
+    # The exact counts stay at the site (its privacy ledger); the coordinator only gets power-of-ten buckets.
+    ledger = federation.SitePrivacyLedger(rounds["site_state"] / "site-a" / federation.LEDGER_FILE)
+    examples_1, examples_2 = (r["n_examples"] for r in ledger.rounds if r["kind"] == "global")
     assert examples_1 == len(used_1) and examples_2 == len(used_2) == examples_1 - len(revoked)
+    for run, r in ((rounds["first"], "1"), (rounds["second"], "2")):
+        exact = examples_1 if r == "1" else examples_2
+        assert run.status["round_reports"][r]["examples"]["site-a"] == federation.examples_bucket(exact)
     # the consent checks of round 2 refused the person (audited), and no crop of theirs is left in the cache
     refusals = [e for e in entries(rounds, "site-a", "consent.check") if e.person == REVOKED and e.outcome == "refused"]
     assert refusals and {e.detail["reason"] for e in refusals} == {"consent_revoked"}
