@@ -23,8 +23,10 @@ from megaportrait.shared import audit
 
 pytestmark = pytest.mark.slow
 
+# A weak federation noise (z = 0.1, so that the noised clipped count stays readable with two sites) under a loose
+# privacy policy written by the fixture: this test is about consent and clipping, not budgets.
 RUN = {"secure-aggregation": False, "local-steps": 1, "min-sites": 2, "clipping": "adaptive", "clipping-norm": 1e-4,
-       "clipped-count-stddev": 1.0}
+       "server-noise-multiplier": 0.1}
 REVOKED = "person-obama"
 
 
@@ -50,6 +52,10 @@ def rounds(tmp_path_factory, people, templates, astronaut):
         federation.record_federated_consent(federation.SiteConsent.in_folder(consent_dir / site), site, refs,
                                             actor="test")
     state, site_state = root / "coordinator", root / "site-state"
+    policy = root / "privacy.yaml"
+    policy.write_text("version: 1\ndelta: 1.0e-5\naccountant: rdp\nbudgets:\n  per_photo: 1000.0\n"
+                      "  per_person: 1000.0\n  per_site: 1000.0\n")
+    RUN["privacy-policy"] = str(policy)
     first = simulate(sites_dir, state, site_state_dir=site_state, consent=consent_dir,
                      run_config={**RUN, "num-server-rounds": 1})
     with federation.SiteConsent.in_folder(consent_dir / "site-a").open("site-a") as ledger:
