@@ -24,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--photos-per-adapter", type=int, default=3, help="pool photos per adapter (besides the "
+    parser.add_argument("--photos-per-adapter", type=int, default=1, help="pool photos per adapter (besides the "
                         "people drawn in and the canary)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval/privacy_audit.json"))
