@@ -8,8 +8,9 @@ One federation and one three-round SecAgg+ job serve every test (a run costs min
 2. run B (same run config) resumes from that checkpoint and trains round 2; site-c's SuperNode is SIGKILLed once
    it has received its round-2 training request (its key shares are out), and the round completes with the other
    two (SecAgg+ recovers the dead site's masks from its neighbours' shares);
-3. round 3 would take site-a and site-b past the epsilon budget (set between their epsilon after two rounds and
-   after three): both are refused, nothing trains, the run ends at round 2.
+3. round 3 would take site-a and site-b past the per-photo budget of the run's privacy policy (set between their
+   epsilon after two rounds and after three): each site enforces its own budget and declines at the budget query,
+   nothing trains, the run ends at round 2.
 
 Every site holds at most four crops, so each round's DP-SGD release has sample rate 1 at every site and the
 budget can be placed from the accountant alone. The run config keeps the sites' work small (one local step).
@@ -213,14 +214,22 @@ def test_coordinator_killed_mid_run_resumes_from_its_checkpoint(federation, job)
         assert [r for r in rounds if r[0] == str(job["run_a"])] == [(str(job["run_a"]), 1)]
 
 
-def test_sites_over_budget_are_refused_and_nothing_trains(federation, job):
+def test_sites_over_budget_decline_and_nothing_trains(federation, job):
+    """The sites read the run's privacy policy as their own: each declines round 3 itself (`privacy_budget`), before
+    the coordinator would have to refuse it, and records the decline in its own audit log."""
+    from megaportrait.shared import audit
+
     state_dir = job["state_dir"]
     report = job["status"]["round_reports"]["3"]
-    assert sorted(report["refused"]) == ["site-a", "site-b"] and report["admitted"] == []
+    assert report["admitted"] == [] and report["refused"] == []
+    assert {s: report["declined"].get(s) for s in ("site-a", "site-b")} == {"site-a": "privacy_budget",
+                                                                            "site-b": "privacy_budget"}
     budget = json.loads((state_dir / "budget.json").read_text())["sites"]
     for site in ("site-a", "site-b"):
-        refusal = budget[site]["refused"][-1]
-        assert refusal["round"] == 3 and refusal["epsilon_next"] > job["budget"] >= budget[site]["epsilon"]
-        assert refusal["epsilon_next"] == pytest.approx(epsilon_after(3, RUN["local-steps"]))
-        assert len(ledger_of(federation, site).history) == 2  # refused: no third release
+        assert budget[site]["rounds"] == [1, 2] and budget[site]["epsilon"] < job["budget"]
+        assert budget[site]["epsilon"] == pytest.approx(epsilon_after(2, RUN["local-steps"]))
+        assert len(ledger_of(federation, site).history) == 2  # declined: no third release
+        declines = [e for e in audit.read_entries(federation.consent[site].audit_log)
+                    if e.action == "federation.train" and e.outcome == "refused"]
+        assert declines and {e.detail["reason"] for e in declines} == {"privacy_budget"}, declines
     assert load_checkpoint(state_dir).round == 2
