@@ -75,6 +75,9 @@ def quiet_third_party() -> None:
 
     if _quiet:
         return
+    root = logging.getLogger()
+    if not root.handlers:  # Opacus calls logging.basicConfig at import: every library's INFO would reach the terminal
+        root.addHandler(logging.NullHandler())
     for name, value in (("OPENCV_LOG_LEVEL", "ERROR"), ("GLOG_minloglevel", "2"), ("TF_CPP_MIN_LOG_LEVEL", "2"),
                         ("PYTHONWARNINGS", "ignore::DeprecationWarning")):  # child processes too (Ray's workers)
         os.environ.setdefault(name, value)

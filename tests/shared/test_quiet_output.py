@@ -39,3 +39,26 @@ def test_noise_is_hidden_by_default_and_the_rest_kept():
 def test_verbose_shows_everything():
     err = _run("")  # `megaportrait --verbose` installs no filter
     assert all(line in err for line in NOISE) and "GetPrototype" in err
+
+
+LIBRARY_INFO = """
+import logging
+{setup}
+import opacus.utils.module_utils  # calls logging.basicConfig at import
+logging.getLogger("flwr.simulation").info("library: round 1 configured")
+logging.getLogger("flwr").warning("library: a warning")
+"""
+
+
+def _run_library(setup: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", LIBRARY_INFO.format(setup=setup)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def test_a_library_that_calls_basicconfig_does_not_put_its_logs_on_the_terminal():
+    quiet = _run_library("from megaportrait.shared.logs import quiet_third_party; quiet_third_party()")
+    assert "library:" not in quiet, quiet
+    loud = _run_library("")  # --verbose: Opacus' root handler stays, and the library's lines reach the terminal
+    assert "library: a warning" in loud, loud
