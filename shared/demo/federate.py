@@ -1,8 +1,8 @@
 """Federated DP rounds of the global adapter over the demo's sites, then each person's private adapter.
 
 The rounds run on Flower's simulation engine (`server.coordinator.deployment.simulate`): the project's own ServerApp
-and ClientApp, SecAgg+, client-side clipping and central noise, budgets and checkpoints, unchanged. Each site's
-Flower client reads only the photos its consent ledger cleared for federated training (`sites.stage_federation_inputs`).
+and ClientApp, SecAgg+, client-side clipping and the sites' distributed noise, budgets and checkpoints, unchanged.
+Each site's Flower client reads only the photos its consent ledger cleared for federated training (`sites.stage_federation_inputs`).
 Epsilon figures are read from each site's privacy ledger and the coordinator's budget ledger (Opacus accountants),
 never computed here; a personal adapter's figure is its own run, and composed with the site's rounds by the site's
 accountant.

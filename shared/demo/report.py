@@ -134,10 +134,13 @@ def write(path: Path, summary: dict, roster, sites, records: list[RenderRecord],
     rc = fed["run_config"]
     fsec.paragraphs.append(
         f"{rc['num-server-rounds']} round(s), {rc['local-steps']} local DP-SGD step(s) per site per round on the tiny "
-        f"in-code base model (64 px), per-photo clipping and noise (Opacus), client-side update clipping and central "
-        f"noise at the coordinator, secure aggregation {'on' if rc['secure-aggregation'] else 'off'}. Epsilon is "
-        f"each site's cumulative figure from its own Opacus accountant (privacy ledger); the coordinator's budget "
-        f"is {fed['budget_per_site']} per site. Took {fed['seconds']:.0f} s.")
+        f"in-code base model (64 px), per-photo clipping and noise (Opacus), client-side update clipping, "
+        + ("the federation's noise added by each site before SecAgg+ masking (the coordinator only unmasks a noised "
+           "sum)" if rc['secure-aggregation'] else "the federation's noise added by the coordinator (secure "
+           "aggregation off: the coordinator is trusted)")
+        + f". Per-photo epsilon is each site's cumulative figure from its own Opacus accountant (privacy ledger); "
+        f"per-site epsilon is the coordinator's accountant for the federation's noise; the per-photo budget the "
+        f"coordinator enforces is {fed['budget_per_site']} (deploy/docs/privacy.md). Took {fed['seconds']:.0f} s.")
     fsec.tables.append((("site", "people trained on", "crops", "rounds", "epsilon per photo (site)", "delta",
                          "epsilon per photo (coordinator's record)", "epsilon per site (coordinator)",
                          "refused rounds"),
