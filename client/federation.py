@@ -85,7 +85,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from megaportrait.shared.audit import WitnessStore
+from megaportrait.shared.audit import WITNESS_DIR, WitnessStore
 from megaportrait.shared.consent import FEDERATED_TRAINING_PURPOSE
 from megaportrait.shared.errors import MegaPortraitError
 
@@ -93,8 +93,6 @@ log = logging.getLogger("megaportrait.client.federation")
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METRIC_KEYS = ("site-id", "epsilon", "delta", "steps", "n-examples", "declined", "decline-reason", "audit-checkpoint")
-WITNESS_DIR = "witness"
-"""Under the site's state dir: the coordinator's audit checkpoints, kept as its witness (`shared.audit.WitnessStore`)."""
 PROPERTY_KEYS = ("site-id", "epsilon", "epsilon-next", "n-examples", "declined", "decline-reason", "audit-checkpoint")
 LEDGER_FILE = "privacy-ledger.json"
 GLOBAL_ADAPTER_FILE = "global-adapter.npz"

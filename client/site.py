@@ -126,8 +126,7 @@ class Site:
     @property
     def witness(self):
         """The render node's and the coordinator's audit checkpoints this site keeps (`shared.audit.WitnessStore`)."""
-        from megaportrait.client.federation import WITNESS_DIR
-        from megaportrait.shared.audit import WitnessStore
+        from megaportrait.shared.audit import WITNESS_DIR, WitnessStore
 
         return WitnessStore(self.root / WITNESS_DIR)
 

@@ -635,6 +635,9 @@ def _runs(values: list[int]) -> Iterator[tuple[int, int]]:
 
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
 
+WITNESS_DIR = "witness"
+"""Under a component's state dir: the other components' checkpoints it keeps as their witness (`WitnessStore`)."""
+
 
 class WitnessStore:
     """Checkpoints of other components' logs, kept by a witness in `<directory>/<key_id>.checkpoints` (JSON lines).

@@ -51,7 +51,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from megaportrait.shared.audit import WitnessStore
+from megaportrait.shared.audit import WITNESS_DIR, WitnessStore
 from megaportrait.shared.errors import ConfigError
 
 from .auditing import CoordinatorAudit, adapter_sha256
@@ -61,8 +61,6 @@ from .strategy import UNIT_WEIGHT, BoundedGrid, SiteBudgetStrategy, build_strate
 
 log = logging.getLogger("megaportrait.coordinator")
 
-WITNESS_DIR = "witness"
-"""Under the state dir: each site's audit checkpoints from its round metrics (`megaportrait audit verify --witness`)."""
 
 app = ServerApp()
 
