@@ -135,16 +135,18 @@ def main(grid: Grid, context: Context) -> None:
 
 def _record_interrupted(state_dir: Path, run_id: int, rounds: int, audit: CoordinatorAudit,
                         exc: BaseException) -> None:
-    """A run that ended early: `run.stop` and status `stopped` when the operator asked for it
-    (`coordinator stop` leaves a stop request; Flower then ends the ServerApp with SystemExit), else `run.fail`
-    and status `failed` naming the error."""
+    """A run that ended early: `run.stop` and status `stopped` when the operator asked for it, else `run.fail`
+    and status `failed` naming the error. `coordinator stop` leaves a stop request before `flwr stop`; Flower then
+    ends the ServerApp with SystemExit, or, when the SuperLink revokes the run's token first, the next Grid call
+    fails with HTTP 401. Either way the operator's request is what ended the run."""
     from .deployment import read_stop_request
 
     latest = load_checkpoint(state_dir)
     round_done = latest.round if latest else 0
-    request = read_stop_request(state_dir, run_id) if isinstance(exc, (SystemExit, KeyboardInterrupt)) else None
+    request = read_stop_request(state_dir, run_id)
     if request is not None:
-        log.info("run %s stopped by the operator after round %d", run_id, round_done)
+        log.info("run %s stopped by the operator after round %d (ended by %s)", run_id, round_done,
+                 type(exc).__name__)
         audit.run_stop(round_done, requested_at=float(request.get("at", 0.0)))
         _write_status(state_dir, run_id, "stopped", round_done, rounds, stopped_by="operator")
     else:

@@ -709,7 +709,7 @@ def read_stop_request(state_dir: Path, run_id: int | str) -> dict[str, Any] | No
     return request if request.get("run_id") == str(run_id) else None
 
 
-def request_stop(flwr_home: Path, state_dir: Path, run_id: int | None = None, wait: float = 20.0
+def request_stop(flwr_home: Path, state_dir: Path, run_id: int | None = None, wait: float = 60.0
                  ) -> dict[str, Any]:
     """Stop a run on purpose: record the request in the state dir (so the ServerApp audits `run.stop`, not a
     failure), `flwr stop` it, and wait for the ServerApp to mark status.json `stopped`. A ServerApp that is already

@@ -66,19 +66,23 @@ def test_status_reads_the_state_dir_of_the_settings_and_refuses_to_guess(tmp_pat
 
 
 @pytest.mark.parametrize("requested", [True, False], ids=["operator-stop", "crash"])
-def test_a_requested_stop_is_audited_as_run_stop_and_anything_else_as_run_fail(tmp_path, requested):
+@pytest.mark.parametrize("ending", [SystemExit(0), RuntimeError("HTTP 401: Runtime task-token authentication failed")],
+                         ids=["signal", "token-revoked"])
+def test_a_requested_stop_is_audited_as_run_stop_and_anything_else_as_run_fail(tmp_path, requested, ending):
+    # After `flwr stop` the ServerApp ends either by Flower's SIGINT (SystemExit) or, when the SuperLink revoked the
+    # run's token first, by its next Grid call failing: both are the operator's stop (CI saw the second as run.fail).
     state = tmp_path / "federation"
     save_checkpoint(state, Checkpoint(round=1, arrays=[np.zeros(2, np.float32)], names=["a"], base_model_sha256="0"))
     if requested:
         (state / STOP_REQUEST).write_text(json.dumps({"run_id": "42", "at": 1.0}))
     log = CoordinatorAudit.open(state, run_id=42, run_config={})
-    _record_interrupted(state, 42, 2, log, SystemExit(0))
+    _record_interrupted(state, 42, 2, log, ending)
     log.close()
     entries = list(audit.read_entries(state / "audit" / "audit.jsonl"))
     status = json.loads((state / "status.json").read_text())
     if requested:
         assert entries[-1].action == "run.stop" and entries[-1].outcome == "ok" and status["state"] == "stopped"
     else:
-        assert entries[-1].action == "run.fail" and entries[-1].detail["error"] == "SystemExit"
+        assert entries[-1].action == "run.fail" and entries[-1].detail["error"] == type(ending).__name__
         assert status["state"] == "failed"
     assert status["round"] == 1
