@@ -167,7 +167,8 @@ def test_all_twenty_pairs_rendered_and_written(results, visual_dir):
                    "template's outline (0.51-0.54), face over the template's skin-coloured jaw/neck (0.546), sharpening "
                    "(<=0.546), less erosion (0.556, seam 1.45), shift/shrink of the whole face to best fill the "
                    "template's region (0.530-0.564, seam up to 1.81), a pyramid of 2-3 levels (0.540-0.542), pasting "
-                   "another crop (biden_2, obama_4; judged against the other photos: 0.529-0.542), no grain (0.549), the eyes/brows/nose/lips hull kept from the face in every blend band (0.545)")
+                   "another crop (biden_2, obama_4; judged against the other photos: 0.529-0.542), no grain (0.549), "
+                   "the eyes/brows/nose/lips hull kept from the face in every blend band (0.545)")
 def test_identity_belongs_to_the_person(results):
     ids = [r.figures.identity for r in results]
     leaks = [r.figures.template_leak for r in results]
