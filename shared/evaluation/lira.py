@@ -275,7 +275,6 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
     same adapters: per photo (offline LiRA on the pool photos), per person (offline LiRA on each person's held-out
     photo: did the adapter train on the person's other photos?) and canary exposure."""
     from megaportrait.client.identity import prepare_training_set
-    from megaportrait.shared.accounting import epsilon, group_history
     from megaportrait.shared.base_models import load_base_model
 
     if len(pool) < lira.pool_size:
@@ -333,7 +332,7 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
         if pool_exec is not None:
             pool_exec.shutdown()
     powered, verdict, arms = power_verdict(arms, lira.control_min_auc)
-    curve = privacy_utility_curve(components, persons, lira, epsilon, group_history)
+    curve = [asdict(p) for p in privacy_utility_curve(components, persons, lira)] if persons else []
     after = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
     if not np.allclose(after, base, rtol=1e-5, atol=1e-7):
         raise EvaluationError("the base UNet changed during the audit (LoRA not fully detached); results invalid")
@@ -344,23 +343,45 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
                             "the people drawn in, one canary)"}
 
 
-def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, epsilon,
-                          group_history) -> list[dict]:
-    """Per noise level: epsilon per photo and per person (Opacus) and the held-out denoising loss of the person's
-    adapter (all but one photo trained, the last held out), averaged over `people`."""
-    from megaportrait.client.identity import prepare_training_set
+@dataclass(frozen=True)
+class CurvePoint:
+    """One noise level of the privacy-utility curve: epsilon per photo and per person (inf without DP) and the mean
+    held-out denoising loss over the people."""
 
-    rows = []
+    noise_multiplier: float | None
+    epsilon_per_photo: float
+    epsilon_per_person: float
+    heldout_denoising_loss: float
+    people: int
+
+
+def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], lira: LiraSettings,
+                          ) -> list[CurvePoint]:
+    """Per noise level in `lira.curve_noise` (None = no DP): each person's adapter trains `lira.curve_steps` steps
+    (lr 1e-3, batch `lira.batch_size`) on all but the last of their crops; the held-out loss is the adapter's
+    denoising loss on that last crop (fixed draws, shared by every level). Epsilon per photo is Opacus' figure
+    (delta `lira.delta`), per person the group-privacy figure over the person's trained photos; the worst person
+    counts for both. People with fewer than 2 crops are left out; none left is an error."""
+    from megaportrait.client.identity import prepare_training_set
+    from megaportrait.shared.accounting import epsilon, group_history
+
+    usable = {k: list(v) for k, v in sorted(people.items()) if len(v) >= 2}
+    if not usable:
+        raise EvaluationError("the privacy-utility curve needs a person with at least 2 photos (one is held out), "
+                              f"got {', '.join(f'{k}: {len(v)}' for k, v in sorted(people.items())) or 'nobody'}")
+    if not lira.curve_noise:
+        raise EvaluationError("the privacy-utility curve needs at least one noise level (curve_noise is empty)")
+    plain = IdentitySettings(resolution=lira.resolution, prior_preservation=False)
+    sets = {name: sd_like(prepare_training_set(components, crops, plain)) for name, crops in usable.items()}
+    points = []
     for z in lira.curve_noise:
         arm = ArmSettings(f"z={z}", lira.curve_steps, 1e-3, z)
         held, eps_photo, eps_person = [], [], []
-        for i, (name, crops) in enumerate(sorted(people.items())):
-            if len(crops) < 2:
-                continue
+        for i, (name, crops) in enumerate(usable.items()):
             settings = arm.identity_settings(lira, lira.seed + i)
-            ts = sd_like(prepare_training_set(components, list(crops), settings))
             train = np.arange(len(crops) - 1)
-            losses, report = _train_and_score(components, ts, train, settings, lira.seed + i, lira, lira.seed + 20_000)
+            losses, report = _train_and_score(components, sets[name], train, settings, lira.seed + i, lira,
+                                              lira.seed + 20_000)
             held.append(float(losses[-1]))
             if report.epsilon is None:
                 eps_photo.append(math.inf)
@@ -369,7 +390,7 @@ def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], l
                 hist = [(report.noise_multiplier, report.sample_rate, report.steps)]
                 eps_photo.append(report.epsilon)
                 eps_person.append(epsilon(group_history(hist, len(train)), lira.delta))
-        if held:
-            rows.append({"noise_multiplier": z, "epsilon_per_photo": max(eps_photo), "epsilon_per_person":
-                         max(eps_person), "heldout_denoising_loss": float(np.mean(held)), "people": len(held)})
-    return rows
+        points.append(CurvePoint(noise_multiplier=z, epsilon_per_photo=max(eps_photo),
+                                 epsilon_per_person=max(eps_person), heldout_denoising_loss=float(np.mean(held)),
+                                 people=len(held)))
+    return points
