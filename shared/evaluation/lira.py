@@ -1,10 +1,11 @@
 """Privacy audit of Identity Net adapters: a LiRA-style membership attack with a positive control, beside the bound
 each arm's epsilon implies, and a privacy-utility curve.
 
-Production setting: each adapter trains on 4 to 8 rows (a person's photo count) with the given steps and DP
-settings; `adapters` of them are trained, and each in turn is the target while the others are its shadows
-(leave-one-out). Per photo and target, the attack score is the adapter's loss reduction on the photo (base loss
-minus adapter loss, fixed draws); LiRA (Carlini et al. 2022, offline variant, since a photo is in few shadows)
+Production setting: each adapter trains on 4 to 8 rows (a person's photo count, with 3 pool photos) with the given
+steps and DP settings; `adapters` of them are trained, and each in turn is the target while the others are its
+shadows (leave-one-out). Per photo and target, the attack score is the adapter's loss reduction on the photo (base
+loss minus adapter loss, fixed draws) less that adapter's median reduction over the pool (its shift on every photo,
+member or not); LiRA (Carlini et al. 2022, offline variant, since a photo is in few shadows)
 standardises it against the shadows that did *not* train on the photo: z = (s - mean_out) / std_out. Reported:
 AUC, TPR at FPR 1 % and 0.1 %, each with a 95 % bootstrap interval over *photos* (a photo's scores are resampled
 together); a person-level variant (all but one of a person's photos in or out, attacked with the held-out one);
@@ -69,6 +70,8 @@ class LiraSettings:
     max_timestep: int = 100
     resolution: int = 64
     control_min_auc: float = 0.8
+    adapter_calibration: bool = True
+    """Subtract each adapter's median loss reduction over the pool before LiRA (`adapter_offsets`)."""
     canaries: int = 16
     bootstrap: int = 500
     keep_raw: bool = False
@@ -118,11 +121,22 @@ def bootstrap_over_photos(scores: np.ndarray, labels: np.ndarray, photo: np.ndar
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in stats.items()}
 
 
-def lira_scores(losses: np.ndarray, base: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Offline LiRA. losses: (A, P) adapter loss per adapter and photo; members: (A, P) bool. For each target a,
-    the score of photo p is its loss reduction standardised against the other adapters without p. Returns
-    (scores (A, P), valid (A, P): at least two out-shadows)."""
+def adapter_offsets(losses: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """(A,) each adapter's typical loss reduction over the candidate photos (median of base - loss over the columns
+    of `losses` (A, P)). Adapters trained on fewer rows or for longer lower every photo's loss, members or not;
+    subtracting this shift (no membership label is used) leaves what is specific to the photo."""
+    return np.median(base[None, :] - losses, axis=1)
+
+
+def lira_scores(losses: np.ndarray, base: np.ndarray, members: np.ndarray, offsets: np.ndarray | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Offline LiRA. losses: (A, P) adapter loss per adapter and photo; members: (A, P) bool; offsets: (A,) each
+    adapter's shift to subtract first (`adapter_offsets`; None = none). For each target a, the score of photo p is
+    its loss reduction standardised against the other adapters without p. Returns (scores (A, P), valid (A, P):
+    at least two out-shadows)."""
     reduction = base[None, :] - losses
+    if offsets is not None:
+        reduction = reduction - np.asarray(offsets)[:, None]
     n_adapters = losses.shape[0]
     scores = np.zeros_like(reduction)
     valid = np.zeros(reduction.shape, bool)
@@ -185,13 +199,15 @@ def _arm_result(arm: ArmSettings, losses_arr: np.ndarray, reports: list, eps: fl
     """One arm's three attacks (per photo, per person, canaries) from its adapters' losses."""
     from megaportrait.shared.accounting import epsilon, group_history, membership_bound
 
-    scores, valid = lira_scores(losses_arr[:, : lira.pool_size], base[: lira.pool_size], membership)
+    pool_losses, pool_base = losses_arr[:, : lira.pool_size], base[: lira.pool_size]
+    offsets = adapter_offsets(pool_losses, pool_base) if lira.adapter_calibration else None
+    scores, valid = lira_scores(pool_losses, pool_base, membership, offsets)
     photo_ids = np.broadcast_to(np.arange(lira.pool_size), scores.shape)
     summary = {**_arm_summary(scores, valid, membership, photo_ids, lira), "settings": asdict(arm),
                "epsilon_per_photo": eps}
     summary["roc_scores"] = {"scores": scores[valid].round(4).tolist(), "labels": membership[valid].astype(int).tolist()}
     if persons:
-        p_scores, p_valid = lira_scores(losses_arr[:, held], base[held], person_in)
+        p_scores, p_valid = lira_scores(losses_arr[:, held], base[held], person_in, offsets)
         p_ids = np.broadcast_to(np.arange(len(persons)), p_scores.shape)
         summary["person_level"] = {**_arm_summary(p_scores, p_valid, person_in, p_ids, lira),
                                    "people": list(persons),
@@ -339,7 +355,8 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
     return {"settings": {k: v for k, v in asdict(lira).items() if k != "arms"}, "arms": arms, "powered": powered,
             "verdict": verdict, "curve": curve, "adapter_rows": [int(len(t)) for t in training],
             "setting_note": "tiny in-code base model at 64 px with SD-like latents; per-photo targets are pool "
-                            "photos of other people; each adapter trains on 4 to 8 rows (pool photos, the photos of "
+                            f"photos of other people; each adapter trains on {min(map(len, training))} to "
+                            f"{max(map(len, training))} rows ({lira.photos_per_adapter} pool photo(s), the photos of "
                             "the people drawn in, one canary)"}
 
 

@@ -87,11 +87,14 @@ def sections(result: dict, examples: dict[str, np.ndarray], paths: dict[str, Pat
     if priv is not None:
         s = priv["settings"]
         psec = Section("Privacy: LiRA membership audit of Identity Net adapters", paragraphs=[
-            f"{s['adapters']} adapters per arm, each trained on 4 to 8 rows (a person's photo count): "
-            f"{s['photos_per_adapter']} of a pool of {s['pool_size']} face crops, the photos of the people drawn in, "
-            f"and one canary. Each adapter in turn is the target, the others its shadows; per-photo scores are "
-            "LiRA likelihood ratios (offline, against the shadows that did not train on the photo). Intervals are "
-            "95 % bootstraps over photos. " + priv["setting_note"] + ".",
+            f"{s['adapters']} adapters per arm, each trained on {min(priv['adapter_rows'])} to "
+            f"{max(priv['adapter_rows'])} rows (a person's photo count): {s['photos_per_adapter']} of a pool of "
+            f"{s['pool_size']} face crops, the photos of the people drawn in, and one canary. Each adapter in turn "
+            "is the target, the others its shadows; per-photo scores are LiRA likelihood ratios (offline, against "
+            "the shadows that did not train on the photo"
+            + ("; each adapter's median loss reduction over the pool subtracted first" if s.get(
+                "adapter_calibration") else "") + "). Intervals are 95 % bootstraps over photos. "
+            + priv["setting_note"] + ".",
             f"Verdict: {priv['verdict']}. A DP result is compared with the bound its epsilon implies: "
             "TPR <= e^eps * FPR + delta."])
         rows = []

@@ -35,6 +35,25 @@ def test_lira_separates_members_from_non_members_and_only_when_they_differ():
     assert ci["auc"][0] < 0.5 < ci["auc"][1]
 
 
+def test_adapter_calibration_removes_each_adapters_shift():
+    """Adapters differ in how much they lower every photo's loss (their row count, their steps); that shift hides a
+    member's extra reduction from plain LiRA and is removed by subtracting the adapter's median over the pool."""
+    rng = np.random.default_rng(1)
+    adapters, photos = 16, 12
+    members = np.zeros((adapters, photos), bool)
+    for a in range(adapters):
+        members[a, rng.choice(photos, 3, replace=False)] = True
+    base = rng.normal(1.0, 0.1, photos)
+    shift = rng.normal(0, 0.05, (adapters, 1))
+    losses = base[None] - shift - 0.02 * members + rng.normal(0, 0.004, members.shape)
+    plain = lira._metrics(*(lambda s, v: (s[v], members[v].astype(int)))(*lira.lira_scores(losses, base, members)))
+    offsets = lira.adapter_offsets(losses, base)
+    assert offsets == pytest.approx(shift.ravel(), abs=0.01)
+    scores, valid = lira.lira_scores(losses, base, members, offsets)
+    calibrated = lira._metrics(scores[valid], members[valid].astype(int))
+    assert plain["auc"] < 0.75 and calibrated["auc"] > 0.95, (plain, calibrated)
+
+
 def test_tpr_at_fpr():
     scores = np.array([5, 4, 3, 2, 1, 0.0])
     labels = np.array([1, 1, 0, 1, 0, 0])
