@@ -54,13 +54,14 @@ class ArmSettings:
 @dataclass(frozen=True)
 class LiraSettings:
     """The audit. Defaults: the production adapter (IdentitySettings' 30 steps, lr 1e-3, noise 1.0) and a positive
-    control without DP at 1000 steps and lr 1e-2; 16 adapters per arm; 3 pool photos per adapter (plus the people
-    drawn in and a canary)."""
+    control without DP at 500 steps and lr 1e-2 (on 4 to 8 rows the tiny model's adapters showed more membership
+    signal at 500 steps than at 1000: benchmarks/results/eval/privacy_audit*.json); 16 adapters per arm; 3 pool
+    photos per adapter (plus the people drawn in and a canary)."""
 
     adapters: int = 16
     photos_per_adapter: int = 3
     pool_size: int = 12
-    arms: tuple[ArmSettings, ...] = (ArmSettings("positive_control", 1000, 1e-2, None),
+    arms: tuple[ArmSettings, ...] = (ArmSettings("positive_control", 500, 1e-2, None),
                                      ArmSettings("production_dp", 30, 1e-3, 1.0))
     rank: int = 4
     batch_size: int = 4
