@@ -100,7 +100,8 @@ def _curve_section(curve: dict) -> Section:
     if curve["plot"]:
         pixels = np.asarray(Image.open(curve["plot"]).convert("RGB"), dtype=np.uint8)
         sec.image_rows.append([Figure(pixels, "held-out denoising loss against epsilon per photo and per person "
-                                      "(log scale); the dotted line is the adapter without DP", max_side=560)])
+                                      "(log scale); the dotted line is the adapter without DP", max_side=660,
+                                      height=440)])
     return sec
 
 

@@ -114,7 +114,7 @@ def sections(result: dict, examples: dict[str, np.ndarray], paths: dict[str, Pat
                              for r in priv.get("curve", [])]))
         if "privacy_plot" in paths:
             psec.image_rows.append([Figure(_png(paths["privacy_plot"]), "LiRA ROC and privacy-utility curve",
-                                           max_side=900)])
+                                           max_side=1000, height=440)])
         out.append(psec)
     return out
 
