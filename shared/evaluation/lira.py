@@ -356,9 +356,8 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
     return {"settings": {k: v for k, v in asdict(lira).items() if k != "arms"}, "arms": arms, "powered": powered,
             "verdict": verdict, "curve": curve, "adapter_rows": [int(len(t)) for t in training],
             "setting_note": "tiny in-code base model at 64 px with SD-like latents; per-photo targets are pool "
-                            f"photos of other people; each adapter trains on {min(map(len, training))} to "
-                            f"{max(map(len, training))} rows ({lira.photos_per_adapter} pool photo(s), the photos of "
-                            "the people drawn in, one canary)"}
+                            "photos of other people; an adapter's rows are its pool photos, the photos of the people "
+                            "drawn in and one canary"}
 
 
 @dataclass(frozen=True)
