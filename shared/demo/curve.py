@@ -2,8 +2,9 @@
 held-out denoising loss of the adapter, on the photos of the people who got a personal adapter (each trains on all
 but their last photo, which is held out). It is the library function `megaportrait eval` runs
 (`shared.evaluation.lira.privacy_utility_curve`), at the demo's adapter steps. The curve's adapters are an
-operator's evaluation: trained in this process on the tiny in-code model, scored, and discarded; only their
-held-out loss reaches the report, and they are not in the site's privacy ledger (nothing leaves the site)."""
+operator's evaluation: trained in this process on the tiny in-code model with DP noise from the OS's entropy,
+scored, and discarded; only their held-out loss reaches the report, and they are not in the site's privacy ledger
+(nothing leaves the site)."""
 from __future__ import annotations
 
 import logging
@@ -61,7 +62,8 @@ def privacy_utility(sites: list[Site], adapters: list[AdapterOutcome], settings:
         return CurveOutcome(steps=settings.adapter_steps, skipped="nobody got a personal adapter (3+ usable photos "
                                                                   "and consent), so there is no person to hold out")
     lira = LiraSettings(curve_noise=CURVE_NOISE, curve_steps=settings.adapter_steps, seed=settings.seed)
-    points = [asdict(p) for p in privacy_utility_curve(load_base_model(None, seed=settings.seed).components, people, lira)]
+    components = load_base_model(None, seed=settings.seed).components
+    points = [asdict(p) for p in privacy_utility_curve(components, people, lira, private_noise=True)]
     plot = plot_privacy_utility(points, out_dir / PLOT_NAME, title=f"Privacy-utility curve ({', '.join(people)}, "
                                 f"{settings.adapter_steps} steps)")
     return CurveOutcome(points=points, people={k: len(v) - 1 for k, v in people.items()}, steps=settings.adapter_steps,

@@ -1,9 +1,9 @@
 """The demo from start to end, each step timed and shown with a progress bar; writes report.html and demo.json.
 
 Steps: prepare (templates and people) -> sites (consent, uploads, intake) -> federation (DP rounds) -> adapters
-(personal, DP) -> privacy-utility curve -> render node (mTLS gRPC on loopback) -> classic renders (+ ablations) -> diffusion render (tiny
-model) -> revocation -> audit verification -> report. The render node is stopped and every site's ledger closed even
-when a step fails.
+(personal, DP) -> privacy-utility curve -> render node (mTLS gRPC on loopback) -> classic renders (+ ablations) ->
+diffusion render (tiny model) -> revocation -> audit verification -> report. The render node is stopped and every
+site's ledger closed even when a step fails.
 """
 from __future__ import annotations
 

@@ -153,7 +153,9 @@ def lira_scores(losses: np.ndarray, base: np.ndarray, members: np.ndarray, offse
 
 
 def _train_and_score(components, ts, rows: np.ndarray, settings: IdentitySettings, seed: int, lira: LiraSettings,
-                     loss_seed: int):
+                     loss_seed: int, fixed_noise: bool = True):
+    """Train a LoRA on `rows` of `ts`, score every row, detach it. `fixed_noise`: DP noise and sampling from `seed`
+    (reproducible, hence not private: fine for adapters the audit discards) instead of the OS's entropy."""
     import torch
 
     from megaportrait.client.identity import attach_lora, detach_lora, train_lora
@@ -163,7 +165,7 @@ def _train_and_score(components, ts, rows: np.ndarray, settings: IdentitySetting
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             _, report = train_lora(components, _subset(ts, rows), settings, progress=False,
-                                   dp_noise_seed=seed if settings.dp_enabled else None)
+                                   dp_noise_seed=seed if settings.dp_enabled and fixed_noise else None)
         losses = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
     finally:
         detach_lora(unet)
@@ -372,13 +374,15 @@ class CurvePoint:
     people: int
 
 
-def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], lira: LiraSettings,
-                          ) -> list[CurvePoint]:
+def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, *,
+                          private_noise: bool = False) -> list[CurvePoint]:
     """Per noise level in `lira.curve_noise` (None = no DP): each person's adapter trains `lira.curve_steps` steps
     (lr 1e-3, batch `lira.batch_size`) on all but the last of their crops; the held-out loss is the adapter's
     denoising loss on that last crop (fixed draws, shared by every level). Epsilon per photo is Opacus' figure
     (delta `lira.delta`), per person the group-privacy figure over the person's trained photos; the worst person
-    counts for both. People with fewer than 2 crops are left out; none left is an error."""
+    counts for both. People with fewer than 2 crops are left out; none left is an error. `private_noise`: DP noise
+    and sampling from the OS's entropy (not reproducible) instead of fixed seeds, for real people's photos outside
+    an audit run."""
     from megaportrait.client.identity import prepare_training_set
     from megaportrait.shared.accounting import epsilon, group_history
 
@@ -398,7 +402,7 @@ def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], l
             settings = arm.identity_settings(lira, lira.seed + i)
             train = np.arange(len(crops) - 1)
             losses, report = _train_and_score(components, sets[name], train, settings, lira.seed + i, lira,
-                                              lira.seed + 20_000)
+                                              lira.seed + 20_000, fixed_noise=not private_noise)
             held.append(float(losses[-1]))
             if report.epsilon is None:
                 eps_photo.append(math.inf)
