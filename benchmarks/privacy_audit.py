@@ -1,13 +1,15 @@
 """Full-size privacy audit (shared/evaluation/lira.py): LiRA with 16 adapters per arm, positive control, DP arm
 against its epsilon bound, privacy-utility curve. Writes benchmarks/results/eval/privacy_audit.json.
 
-    .venv/bin/python benchmarks/privacy_audit.py [--adapters 16] [--out benchmarks/results/eval/privacy_audit.json]
+    .venv/bin/python benchmarks/privacy_audit.py [--adapters 16] [--photos-per-adapter 3] [--keep-raw]
+        [--out benchmarks/results/eval/privacy_audit.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -24,8 +26,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--photos-per-adapter", type=int, default=1, help="pool photos per adapter (besides the "
+    parser.add_argument("--photos-per-adapter", type=int, default=3, help="pool photos per adapter (besides the "
                         "people drawn in and the canary)")
+    parser.add_argument("--control-steps", type=int, default=None, help="positive control's steps (default: "
+                        "LiraSettings')")
+    parser.add_argument("--control-lr", type=float, default=None, help="positive control's learning rate")
+    parser.add_argument("--no-calibration", action="store_true", help="LiRA without the per-adapter offset")
+    parser.add_argument("--keep-raw", action="store_true", help="store every adapter's losses in the JSON")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval/privacy_audit.json"))
     args = parser.parse_args()
@@ -34,7 +41,12 @@ def main() -> None:
     pool, labels = face_pool(photos_in([args.data / "hard", args.data / "templates"]), analyzer, size=64)
     people = {p.name: face_pool(photos_in([p]), analyzer, size=64)[0] for p in sorted((args.data / "people").iterdir())
               if p.is_dir()}
-    lira = LiraSettings(adapters=args.adapters, workers=args.workers, photos_per_adapter=args.photos_per_adapter)
+    lira = LiraSettings(adapters=args.adapters, workers=args.workers, photos_per_adapter=args.photos_per_adapter,
+                        adapter_calibration=not args.no_calibration, keep_raw=args.keep_raw)
+    control = next(a for a in lira.arms if a.name == "positive_control")
+    control = replace(control, steps=args.control_steps or control.steps, learning_rate=args.control_lr or
+                      control.learning_rate)
+    lira = replace(lira, arms=tuple(control if a.name == control.name else a for a in lira.arms))
     started = time.time()
     with Progress() as progress:
         task = progress.add_task("LiRA adapters (steps)", total=lira.adapters * sum(a.steps for a in lira.arms))

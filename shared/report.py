@@ -29,11 +29,13 @@ figure img{display:block;height:220px;border:1px solid #ddd}.note{color:#555;fon
 
 @dataclass
 class Figure:
-    """One captioned image: (H, W, 3) uint8 RGB, shown at most `max_side` px on its long side."""
+    """One captioned image: (H, W, 3) uint8 RGB, stored at most `max_side` px on its long side and shown `height` px
+    high (a plot with text needs more than a photo's 220)."""
 
     pixels: np.ndarray
     caption: str
     max_side: int = 384
+    height: int = 220
 
 
 @dataclass
@@ -86,7 +88,8 @@ def render_html(title: str, sections: Sequence[Section], *, subtitle: str = "") 
             out.append("</table>")
         for figs in sec.image_rows:
             out.append("<div class='row'>")
-            out.extend(f"<figure><img src='{_data_uri(f)}' alt='{html.escape(f.caption)}'>"
+            out.extend(f"<figure><img src='{_data_uri(f)}' alt='{html.escape(f.caption)}'"
+                       + (f" style='height:{f.height}px'" if f.height != 220 else "") + ">"
                        f"<figcaption>{html.escape(f.caption)}</figcaption></figure>" for f in figs)
             out.append("</div>")
     out.append("</body></html>")

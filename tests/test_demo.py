@@ -46,7 +46,7 @@ def test_report_holds_images_and_numbers(quick_demo):
     assert {r["variant"] for r in s["renders"]} == {"identity", "identity+shading", "full"}
     # image rows: sources, template and 3 variants per (person, template), plus the diffusion pair
     images = re.findall(r"<img src='data:image/png;base64,", html)
-    assert len(images) == 3 * 2 * 5 + 2
+    assert len(images) == 3 * 2 * 5 + 2 + 1  # + the privacy-utility plot
     # identity: Obama's portraits are still Obama against his held-out photos; the astronaut has none to compare
     obama_full = [r for r in s["renders"] if r["person"] == "obama" and r["variant"] == "full"]
     assert len(obama_full) == 2 and all(r["identity"] >= SFACE_THRESHOLD for r in obama_full), obama_full
@@ -77,6 +77,43 @@ def test_report_holds_images_and_numbers(quick_demo):
     assert s["diffusion"]["state"] == "succeeded" and s["diffusion"]["backend"] == "diffusion"
     assert "TINY RANDOM MODEL" in html
     assert set(s["seconds"]) >= {"federation", "adapters", "classic_renders", "revocation", "audit", "total"}
+
+
+def test_report_shows_the_privacy_utility_curve(quick_demo):
+    """The curve (shared.demo.curve): Obama, the one person with an adapter, 3 photos trained and 1 held out; per
+    noise level an epsilon that is infinite without noise and falls as the noise grows, per person above per photo,
+    each recomputed from the accountant; finite held-out losses; table, plot and caveat in the report."""
+    from PIL import Image
+
+    from megaportrait.shared import accounting
+    from megaportrait.shared.demo.curve import CURVE_NOISE
+
+    s = quick_demo.summary
+    curve = s["privacy_utility"]
+    assert curve["people"] == {"obama": 3} and curve["steps"] == s["settings"]["adapter_steps"]
+    points = curve["points"]
+    assert [p["noise_multiplier"] for p in points] == list(CURVE_NOISE) and CURVE_NOISE[0] is None
+    assert points[0]["epsilon_per_photo"] == points[0]["epsilon_per_person"] == float("inf")
+    dp = points[1:]
+    assert [p["noise_multiplier"] for p in dp] == sorted((p["noise_multiplier"] for p in dp), reverse=True)
+    photo = [p["epsilon_per_photo"] for p in dp]
+    assert all(np.isfinite(photo)) and photo == sorted(photo) and len(set(photo)) == len(photo) and photo[0] > 0
+    for p in dp:
+        # 3 training photos, batch 4: Opacus samples at q = 1; the person is a group of 3 photos
+        release = [(p["noise_multiplier"], 1.0, curve["steps"])]
+        assert p["epsilon_per_photo"] == pytest.approx(accounting.epsilon(release, 1e-5), rel=1e-6)
+        assert p["epsilon_per_person"] == pytest.approx(
+            accounting.epsilon(accounting.group_history(release, 3), 1e-5), rel=1e-6)
+        assert p["epsilon_per_person"] > p["epsilon_per_photo"]
+    losses = [p["heldout_denoising_loss"] for p in points]
+    assert all(np.isfinite(losses)) and all(v > 0 for v in losses) and {p["people"] for p in points} == {1}
+    with Image.open(curve["plot"]) as plot:
+        assert plot.format == "PNG" and min(plot.size) >= 300
+    html = quick_demo.report.read_text()
+    assert "Privacy-utility curve (demo scale)" in html and "What it does not show" in html
+    for p in dp:
+        assert f"{p['epsilon_per_photo']:.2f}" in html and f"{p['epsilon_per_person']:.2f}" in html
+    assert all(f"{v:.4f}" in html for v in losses) and "infinite (no DP)" in html
 
 
 def test_bad_uploads_are_refused_with_their_reasons(quick_demo):

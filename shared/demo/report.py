@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from megaportrait.shared.face_analysis import SFACE_THRESHOLD
 from megaportrait.shared.report import Figure, Section, write_report
@@ -58,6 +59,50 @@ def _identity_caption(rec: RenderRecord) -> str:
     else:
         ident = f"identity {rec.identity:.2f} {'verified' if rec.identity >= SFACE_THRESHOLD else 'NOT verified'}"
     return f"{ident}; ITA {_fmt(rec.ita_output, 1)}"
+
+
+def _eps(value: float) -> str:
+    return "infinite (no DP)" if value == float("inf") else f"{value:.2f}"
+
+
+def _curve_section(curve: dict) -> Section:
+    """The privacy-utility curve (shared.demo.curve): what it is, what it does not show at demo scale, its points
+    and its plot."""
+    sec = Section("Privacy-utility curve (demo scale)")
+    if not curve["points"]:
+        sec.paragraphs.append(f"No curve: {curve['skipped']}.")
+        return sec
+    who = ", ".join(f"{name} ({n} photos trained, 1 held out)" for name, n in curve["people"].items())
+    losses = [r["heldout_denoising_loss"] for r in curve["points"]]
+    lo, hi = min(losses), max(losses)
+    sec.paragraphs += [
+        f"For each noise multiplier z (DP-SGD; 'none' trains without DP), an adapter was trained on all but one "
+        f"photo of {who}, "
+        f"{curve['steps']} steps as the personal adapters; its denoising loss on the held-out photo is the utility "
+        "(lower is better). Epsilon per photo is Opacus' figure for that training (delta 1e-5); epsilon per person "
+        "is group privacy over the person's trained photos. Same library function as megaportrait eval "
+        "(shared.evaluation.lira.privacy_utility_curve); these adapters are an evaluation at the site, discarded "
+        "after scoring and not in the site's privacy ledger.",
+        "What it shows: how much privacy each noise level buys, per photo and per person, for one person's few "
+        "photos (more noise, smaller epsilon; no noise, no guarantee at all). What it does not show: a utility "
+        f"trend. Here the held-out loss spans {lo:.4f} to {hi:.4f} ({100 * (hi - lo) / lo:.2f} % apart) across the "
+        "noise levels; from one held-out photo, a few steps and the tiny random base model that is no evidence "
+        "that any noise level costs or keeps quality. benchmarks/results/eval/privacy_audit.json holds the "
+        "full-size curve beside the membership audit, and only a real base model can show whether the portraits' "
+        "identity suffers.",
+        f"Took {curve['seconds']:.0f} s.",
+    ]
+    sec.tables.append((("noise multiplier z", "epsilon per photo", "epsilon per person", "held-out denoising loss",
+                        "people"),
+                       [("none (no DP)" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}",
+                         _eps(r["epsilon_per_photo"]), _eps(r["epsilon_per_person"]),
+                         f"{r['heldout_denoising_loss']:.4f}", r["people"]) for r in curve["points"]]))
+    if curve["plot"]:
+        pixels = np.asarray(Image.open(curve["plot"]).convert("RGB"), dtype=np.uint8)
+        sec.image_rows.append([Figure(pixels, "held-out denoising loss against epsilon per photo and per person "
+                                      "(log scale); the dotted line is the adapter without DP", max_side=660,
+                                      height=440)])
+    return sec
 
 
 def write(path: Path, summary: dict, roster, sites, records: list[RenderRecord],
@@ -168,6 +213,7 @@ def write(path: Path, summary: dict, roster, sites, records: list[RenderRecord],
                           _fmt(a["seconds"], 1) if not a["skipped"] else "-", a["skipped"] or "-")
                          for a in summary["adapters"]]))
     sections.append(asec)
+    sections.append(_curve_section(summary["privacy_utility"]))
 
     # -- classic renders
     rsec = Section("Portraits (classic backend, through the render node)")

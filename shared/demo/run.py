@@ -1,9 +1,9 @@
 """The demo from start to end, each step timed and shown with a progress bar; writes report.html and demo.json.
 
 Steps: prepare (templates and people) -> sites (consent, uploads, intake) -> federation (DP rounds) -> adapters
-(personal, DP) -> render node (mTLS gRPC on loopback) -> classic renders (+ ablations) -> diffusion render (tiny
-model) -> revocation -> audit verification -> report. The render node is stopped and every site's ledger closed even
-when a step fails.
+(personal, DP) -> privacy-utility curve -> render node (mTLS gRPC on loopback) -> classic renders (+ ablations) ->
+diffusion render (tiny model) -> revocation -> audit verification -> report. The render node is stopped and every
+site's ledger closed even when a step fails.
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def run_demo(settings: DemoSettings, *, show_progress: bool = True, console=None
     from megaportrait.shared.face_analysis import FaceAnalyzer
 
     from . import report
+    from .curve import privacy_utility
     from .federate import personalise_people, run_federation
     from .render import render_diffusion, render_portraits, start_render_node
     from .revoke import revoke_one, verify_logs
@@ -115,6 +116,9 @@ def run_demo(settings: DemoSettings, *, show_progress: bool = True, console=None
             with step("adapters", "personal adapters (DP)", max(eligible, 1), progress) as advance:
                 adapters = personalise_people(sites, fed, settings, advance=advance)
 
+            with step("privacy_curve", "privacy-utility curve", None, progress):
+                curve = privacy_utility(sites, adapters, settings, run_dir)
+
             with step("render_node", "render node: mTLS gRPC on loopback", None, progress):
                 node = start_render_node(sites, work, notes)
 
@@ -152,8 +156,8 @@ def run_demo(settings: DemoSettings, *, show_progress: bool = True, console=None
                 audits = verify_logs(logs, witnesses=[s.site.witness.directory for s in sites])
 
             timings["total_before_report"] = time.perf_counter() - started
-            summary = build_summary(settings, run_dir, roster, sites, fed, adapters, node, records, refusals,
-                                    diffusion, revocation, audits, timings, notes)
+            summary = build_summary(settings, run_dir, roster, sites, fed, adapters, curve, node, records,
+                                    refusals, diffusion, revocation, audits, timings, notes)
             with step("report", "writing the report", None, progress):
                 report_path = report.write(run_dir / REPORT_NAME, summary, roster, sites, records, diffusion)
     finally:
@@ -170,8 +174,8 @@ def run_demo(settings: DemoSettings, *, show_progress: bool = True, console=None
     return DemoOutcome(run_dir=run_dir, report=report_path, summary_path=summary_path, summary=summary)
 
 
-def build_summary(settings, run_dir, roster, sites, fed, adapters, node, records, refusals, diffusion, revocation,
-                  audits, timings, notes) -> dict:
+def build_summary(settings, run_dir, roster, sites, fed, adapters, curve, node, records, refusals, diffusion,
+                  revocation, audits, timings, notes) -> dict:
     """Everything the report shows, as JSON-ready data (no pixels)."""
     import torch
 
@@ -204,6 +208,7 @@ def build_summary(settings, run_dir, roster, sites, fed, adapters, node, records
             "sites": [asdict(s) for s in fed.sites],
         },
         "adapters": [{k: v for k, v in asdict(a).items() if k != "adapter"} for a in adapters],
+        "privacy_utility": {**asdict(curve), "plot": None if curve.plot is None else str(curve.plot)},
         "render_node": node.node_info,
         "renders": [r.as_dict() for r in records],
         "refusals": [asdict(r) for r in refusals],

@@ -1,10 +1,11 @@
 """Privacy audit of Identity Net adapters: a LiRA-style membership attack with a positive control, beside the bound
 each arm's epsilon implies, and a privacy-utility curve.
 
-Production setting: each adapter trains on 4 to 8 rows (a person's photo count) with the given steps and DP
-settings; `adapters` of them are trained, and each in turn is the target while the others are its shadows
-(leave-one-out). Per photo and target, the attack score is the adapter's loss reduction on the photo (base loss
-minus adapter loss, fixed draws); LiRA (Carlini et al. 2022, offline variant, since a photo is in few shadows)
+Production setting: each adapter trains on 4 to 8 rows (a person's photo count, with 3 pool photos) with the given
+steps and DP settings; `adapters` of them are trained, and each in turn is the target while the others are its
+shadows (leave-one-out). Per photo and target, the attack score is the adapter's loss reduction on the photo (base
+loss minus adapter loss, fixed draws) less that adapter's median reduction over the pool (its shift on every photo,
+member or not); LiRA (Carlini et al. 2022, offline variant, since a photo is in few shadows)
 standardises it against the shadows that did *not* train on the photo: z = (s - mean_out) / std_out. Reported:
 AUC, TPR at FPR 1 % and 0.1 %, each with a 95 % bootstrap interval over *photos* (a photo's scores are resampled
 together); a person-level variant (all but one of a person's photos in or out, attacked with the held-out one);
@@ -53,13 +54,14 @@ class ArmSettings:
 @dataclass(frozen=True)
 class LiraSettings:
     """The audit. Defaults: the production adapter (IdentitySettings' 30 steps, lr 1e-3, noise 1.0) and a positive
-    control without DP at 1000 steps and lr 1e-2; 16 adapters per arm; 3 pool photos per adapter (plus the people
-    drawn in and a canary)."""
+    control without DP at 500 steps and lr 1e-2 (on 4 to 8 rows the tiny model's adapters showed more membership
+    signal at 500 steps than at 1000: benchmarks/results/eval/privacy_audit*.json); 16 adapters per arm; 3 pool
+    photos per adapter (plus the people drawn in and a canary)."""
 
     adapters: int = 16
     photos_per_adapter: int = 3
     pool_size: int = 12
-    arms: tuple[ArmSettings, ...] = (ArmSettings("positive_control", 1000, 1e-2, None),
+    arms: tuple[ArmSettings, ...] = (ArmSettings("positive_control", 500, 1e-2, None),
                                      ArmSettings("production_dp", 30, 1e-3, 1.0))
     rank: int = 4
     batch_size: int = 4
@@ -69,6 +71,8 @@ class LiraSettings:
     max_timestep: int = 100
     resolution: int = 64
     control_min_auc: float = 0.8
+    adapter_calibration: bool = True
+    """Subtract each adapter's median loss reduction over the pool before LiRA (`adapter_offsets`)."""
     canaries: int = 16
     bootstrap: int = 500
     keep_raw: bool = False
@@ -118,11 +122,22 @@ def bootstrap_over_photos(scores: np.ndarray, labels: np.ndarray, photo: np.ndar
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in stats.items()}
 
 
-def lira_scores(losses: np.ndarray, base: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Offline LiRA. losses: (A, P) adapter loss per adapter and photo; members: (A, P) bool. For each target a,
-    the score of photo p is its loss reduction standardised against the other adapters without p. Returns
-    (scores (A, P), valid (A, P): at least two out-shadows)."""
+def adapter_offsets(losses: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """(A,) each adapter's typical loss reduction over the candidate photos (median of base - loss over the columns
+    of `losses` (A, P)). Adapters trained on fewer rows or for longer lower every photo's loss, members or not;
+    subtracting this shift (no membership label is used) leaves what is specific to the photo."""
+    return np.median(base[None, :] - losses, axis=1)
+
+
+def lira_scores(losses: np.ndarray, base: np.ndarray, members: np.ndarray, offsets: np.ndarray | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Offline LiRA. losses: (A, P) adapter loss per adapter and photo; members: (A, P) bool; offsets: (A,) each
+    adapter's shift to subtract first (`adapter_offsets`; None = none). For each target a, the score of photo p is
+    its loss reduction standardised against the other adapters without p. Returns (scores (A, P), valid (A, P):
+    at least two out-shadows)."""
     reduction = base[None, :] - losses
+    if offsets is not None:
+        reduction = reduction - np.asarray(offsets)[:, None]
     n_adapters = losses.shape[0]
     scores = np.zeros_like(reduction)
     valid = np.zeros(reduction.shape, bool)
@@ -138,7 +153,9 @@ def lira_scores(losses: np.ndarray, base: np.ndarray, members: np.ndarray) -> tu
 
 
 def _train_and_score(components, ts, rows: np.ndarray, settings: IdentitySettings, seed: int, lira: LiraSettings,
-                     loss_seed: int):
+                     loss_seed: int, fixed_noise: bool = True):
+    """Train a LoRA on `rows` of `ts`, score every row, detach it. `fixed_noise`: DP noise and sampling from `seed`
+    (reproducible, hence not private: fine for adapters the audit discards) instead of the OS's entropy."""
     import torch
 
     from megaportrait.client.identity import attach_lora, detach_lora, train_lora
@@ -148,7 +165,7 @@ def _train_and_score(components, ts, rows: np.ndarray, settings: IdentitySetting
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             _, report = train_lora(components, _subset(ts, rows), settings, progress=False,
-                                   dp_noise_seed=seed if settings.dp_enabled else None)
+                                   dp_noise_seed=seed if settings.dp_enabled and fixed_noise else None)
         losses = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
     finally:
         detach_lora(unet)
@@ -185,13 +202,15 @@ def _arm_result(arm: ArmSettings, losses_arr: np.ndarray, reports: list, eps: fl
     """One arm's three attacks (per photo, per person, canaries) from its adapters' losses."""
     from megaportrait.shared.accounting import epsilon, group_history, membership_bound
 
-    scores, valid = lira_scores(losses_arr[:, : lira.pool_size], base[: lira.pool_size], membership)
+    pool_losses, pool_base = losses_arr[:, : lira.pool_size], base[: lira.pool_size]
+    offsets = adapter_offsets(pool_losses, pool_base) if lira.adapter_calibration else None
+    scores, valid = lira_scores(pool_losses, pool_base, membership, offsets)
     photo_ids = np.broadcast_to(np.arange(lira.pool_size), scores.shape)
     summary = {**_arm_summary(scores, valid, membership, photo_ids, lira), "settings": asdict(arm),
                "epsilon_per_photo": eps}
     summary["roc_scores"] = {"scores": scores[valid].round(4).tolist(), "labels": membership[valid].astype(int).tolist()}
     if persons:
-        p_scores, p_valid = lira_scores(losses_arr[:, held], base[held], person_in)
+        p_scores, p_valid = lira_scores(losses_arr[:, held], base[held], person_in, offsets)
         p_ids = np.broadcast_to(np.arange(len(persons)), p_scores.shape)
         summary["person_level"] = {**_arm_summary(p_scores, p_valid, person_in, p_ids, lira),
                                    "people": list(persons),
@@ -275,7 +294,6 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
     same adapters: per photo (offline LiRA on the pool photos), per person (offline LiRA on each person's held-out
     photo: did the adapter train on the person's other photos?) and canary exposure."""
     from megaportrait.client.identity import prepare_training_set
-    from megaportrait.shared.accounting import epsilon, group_history
     from megaportrait.shared.base_models import load_base_model
 
     if len(pool) < lira.pool_size:
@@ -333,34 +351,58 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
         if pool_exec is not None:
             pool_exec.shutdown()
     powered, verdict, arms = power_verdict(arms, lira.control_min_auc)
-    curve = privacy_utility_curve(components, persons, lira, epsilon, group_history)
+    curve = [asdict(p) for p in privacy_utility_curve(components, persons, lira)] if persons else []
     after = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
     if not np.allclose(after, base, rtol=1e-5, atol=1e-7):
         raise EvaluationError("the base UNet changed during the audit (LoRA not fully detached); results invalid")
     return {"settings": {k: v for k, v in asdict(lira).items() if k != "arms"}, "arms": arms, "powered": powered,
             "verdict": verdict, "curve": curve, "adapter_rows": [int(len(t)) for t in training],
             "setting_note": "tiny in-code base model at 64 px with SD-like latents; per-photo targets are pool "
-                            "photos of other people; each adapter trains on 4 to 8 rows (pool photos, the photos of "
-                            "the people drawn in, one canary)"}
+                            "photos of other people; an adapter's rows are its pool photos, the photos of the people "
+                            "drawn in and one canary"}
 
 
-def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, epsilon,
-                          group_history) -> list[dict]:
-    """Per noise level: epsilon per photo and per person (Opacus) and the held-out denoising loss of the person's
-    adapter (all but one photo trained, the last held out), averaged over `people`."""
+@dataclass(frozen=True)
+class CurvePoint:
+    """One noise level of the privacy-utility curve: epsilon per photo and per person (inf without DP) and the mean
+    held-out denoising loss over the people."""
+
+    noise_multiplier: float | None
+    epsilon_per_photo: float
+    epsilon_per_person: float
+    heldout_denoising_loss: float
+    people: int
+
+
+def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, *,
+                          private_noise: bool = False) -> list[CurvePoint]:
+    """Per noise level in `lira.curve_noise` (None = no DP): each person's adapter trains `lira.curve_steps` steps
+    (lr 1e-3, batch `lira.batch_size`) on all but the last of their crops; the held-out loss is the adapter's
+    denoising loss on that last crop (fixed draws, shared by every level). Epsilon per photo is Opacus' figure
+    (delta `lira.delta`), per person the group-privacy figure over the person's trained photos; the worst person
+    counts for both. People with fewer than 2 crops are left out; none left is an error. `private_noise`: DP noise
+    and sampling from the OS's entropy (not reproducible) instead of fixed seeds, for real people's photos outside
+    an audit run."""
     from megaportrait.client.identity import prepare_training_set
+    from megaportrait.shared.accounting import epsilon, group_history
 
-    rows = []
+    usable = {k: list(v) for k, v in sorted(people.items()) if len(v) >= 2}
+    if not usable:
+        raise EvaluationError("the privacy-utility curve needs a person with at least 2 photos (one is held out), "
+                              f"got {', '.join(f'{k}: {len(v)}' for k, v in sorted(people.items())) or 'nobody'}")
+    if not lira.curve_noise:
+        raise EvaluationError("the privacy-utility curve needs at least one noise level (curve_noise is empty)")
+    plain = IdentitySettings(resolution=lira.resolution, prior_preservation=False)
+    sets = {name: sd_like(prepare_training_set(components, crops, plain)) for name, crops in usable.items()}
+    points = []
     for z in lira.curve_noise:
         arm = ArmSettings(f"z={z}", lira.curve_steps, 1e-3, z)
         held, eps_photo, eps_person = [], [], []
-        for i, (name, crops) in enumerate(sorted(people.items())):
-            if len(crops) < 2:
-                continue
+        for i, (name, crops) in enumerate(usable.items()):
             settings = arm.identity_settings(lira, lira.seed + i)
-            ts = sd_like(prepare_training_set(components, list(crops), settings))
             train = np.arange(len(crops) - 1)
-            losses, report = _train_and_score(components, ts, train, settings, lira.seed + i, lira, lira.seed + 20_000)
+            losses, report = _train_and_score(components, sets[name], train, settings, lira.seed + i, lira,
+                                              lira.seed + 20_000, fixed_noise=not private_noise)
             held.append(float(losses[-1]))
             if report.epsilon is None:
                 eps_photo.append(math.inf)
@@ -369,7 +411,7 @@ def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], l
                 hist = [(report.noise_multiplier, report.sample_rate, report.steps)]
                 eps_photo.append(report.epsilon)
                 eps_person.append(epsilon(group_history(hist, len(train)), lira.delta))
-        if held:
-            rows.append({"noise_multiplier": z, "epsilon_per_photo": max(eps_photo), "epsilon_per_person":
-                         max(eps_person), "heldout_denoising_loss": float(np.mean(held)), "people": len(held)})
-    return rows
+        points.append(CurvePoint(noise_multiplier=z, epsilon_per_photo=max(eps_photo),
+                                 epsilon_per_person=max(eps_person), heldout_denoising_loss=float(np.mean(held)),
+                                 people=len(held)))
+    return points

@@ -133,22 +133,45 @@ def plot_privacy_audit(audit: dict, path: Path) -> Path:
     ax.set_ylabel("true positive rate")
     ax.set_title("LiRA per photo: " + ("has power" if audit["powered"] else "NO POWER"), fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
-    curve = [r for r in audit.get("curve", []) if r["noise_multiplier"] is not None]
-    if curve:
-        loss = [r["heldout_denoising_loss"] for r in curve]
-        cx.plot([r["epsilon_per_photo"] for r in curve], loss, "o-", label="epsilon per photo")
-        cx.plot([r["epsilon_per_person"] for r in curve], loss, "s--", label="epsilon per person")
-        for r in curve:
-            cx.annotate(f"z={r['noise_multiplier']:g}", (r["epsilon_per_photo"], r["heldout_denoising_loss"]),
-                        fontsize=7)
-        nodp = [r for r in audit["curve"] if r["noise_multiplier"] is None]
+    draw_privacy_utility(cx, audit.get("curve", []))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def draw_privacy_utility(cx, curve: list[dict], title: str = "Privacy-utility curve") -> None:
+    """On axes `cx`: held-out denoising loss against epsilon per photo and per person (log x), one point per noise
+    level (labelled z=...); the no-DP level, whose epsilon is infinite, as a horizontal line."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    points = [r for r in curve if r["noise_multiplier"] is not None]
+    if points:
+        loss = [r["heldout_denoising_loss"] for r in points]
+        cx.plot([r["epsilon_per_photo"] for r in points], loss, "o-", label="epsilon per photo")
+        cx.plot([r["epsilon_per_person"] for r in points], loss, "s--", label="epsilon per person")
+        for r in points:
+            for key in ("epsilon_per_photo", "epsilon_per_person"):
+                cx.annotate(f"z={r['noise_multiplier']:g}", (r[key], r["heldout_denoising_loss"]), fontsize=7,
+                            xytext=(4, 5), textcoords="offset points")
+        nodp = [r for r in curve if r["noise_multiplier"] is None]
         if nodp:
-            cx.axhline(nodp[0]["heldout_denoising_loss"], color="grey", ls=":", label="no DP")
+            cx.axhline(nodp[0]["heldout_denoising_loss"], color="grey", ls=":", label="no DP (epsilon infinite)")
         cx.set_xscale("log")
+        cx.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        cx.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        cx.xaxis.set_minor_formatter(NullFormatter())
         cx.set_xlabel("epsilon (delta 1e-5, Opacus RDP)")
         cx.set_ylabel("held-out denoising loss (lower = better)")
         cx.legend(fontsize=7)
-    cx.set_title("Privacy-utility curve", fontsize=10)
+    cx.set_title(title, fontsize=10)
+
+
+def plot_privacy_utility(curve: list[dict], path: Path, title: str = "Privacy-utility curve") -> Path:
+    """The privacy-utility curve alone (`draw_privacy_utility`), for the demo report."""
+    plt = _pyplot()
+    fig, cx = plt.subplots(figsize=(5.6, 4.0), dpi=110)
+    draw_privacy_utility(cx, curve, title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

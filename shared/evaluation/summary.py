@@ -87,11 +87,13 @@ def sections(result: dict, examples: dict[str, np.ndarray], paths: dict[str, Pat
     if priv is not None:
         s = priv["settings"]
         psec = Section("Privacy: LiRA membership audit of Identity Net adapters", paragraphs=[
-            f"{s['adapters']} adapters per arm, each trained on 4 to 8 rows (a person's photo count): "
-            f"{s['photos_per_adapter']} of a pool of {s['pool_size']} face crops, the photos of the people drawn in, "
-            f"and one canary. Each adapter in turn is the target, the others its shadows; per-photo scores are "
-            "LiRA likelihood ratios (offline, against the shadows that did not train on the photo). Intervals are "
-            "95 % bootstraps over photos. " + priv["setting_note"] + ".",
+            f"{s['adapters']} adapters per arm, {s['photos_per_adapter']} pool photo(s) each from a pool of "
+            f"{s['pool_size']} face crops, {min(priv['adapter_rows'])} to {max(priv['adapter_rows'])} rows in all (a "
+            "person's photo count); each adapter in turn is the target, the others its shadows; per-photo scores are "
+            "LiRA likelihood ratios (offline, against the shadows that did not train on the photo"
+            + ("; each adapter's median loss reduction over the pool subtracted first" if s.get(
+                "adapter_calibration") else "") + "). Intervals are 95 % bootstraps over photos. Setting: "
+            + priv["setting_note"] + ".",
             f"Verdict: {priv['verdict']}. A DP result is compared with the bound its epsilon implies: "
             "TPR <= e^eps * FPR + delta."])
         rows = []
@@ -111,7 +113,7 @@ def sections(result: dict, examples: dict[str, np.ndarray], paths: dict[str, Pat
                              for r in priv.get("curve", [])]))
         if "privacy_plot" in paths:
             psec.image_rows.append([Figure(_png(paths["privacy_plot"]), "LiRA ROC and privacy-utility curve",
-                                           max_side=900)])
+                                           max_side=1000, height=440)])
         out.append(psec)
     return out
 
