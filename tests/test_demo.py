@@ -71,6 +71,17 @@ def test_report_holds_images_and_numbers(quick_demo):
     assert adapter["epsilon"] > 0 and adapter["composed_epsilon"] > adapter["epsilon"]
     site_a = SitePrivacyLedger(Path(s["run_dir"]) / "work" / "federation" / "site-state" / adapter["site"] / LEDGER_FILE)
     assert len(site_a.personal) == 1 and adapter["composed_epsilon"] == pytest.approx(site_a.epsilon())
+    # the headline figures: every training run on a site's photos, in the three units, from the site's own ledger
+    assert [f["site"] for f in s["privacy"]] == ["site-a", "site-b", "site-c"]
+    for f in s["privacy"]:
+        ledger = SitePrivacyLedger(Path(s["run_dir"]) / "work" / "federation" / "site-state" / f["site"] / LEDGER_FILE)
+        want = ledger.figures()
+        assert (f["per_photo"], f["per_person"], f["per_site"]) == pytest.approx(
+            (want.per_photo, want.per_person, want.per_site))
+        assert f"{f['per_photo']:.2f} / {f['per_person']:.2f} / {f['per_site']:.2f}" in html
+    # site-a's per-photo figure includes Obama's personal adapter, not only the rounds
+    assert next(f for f in s["privacy"] if f["site"] == "site-a")["per_photo"] == pytest.approx(
+        adapter["composed_epsilon"])
     assert {a["skipped"] for a in s["adapters"] if a["person"] != "obama"} == {
         "needs 3 usable photos, has 2", "needs 3 usable photos, has 1"}
     # the diffusion render went through the node with the sealed adapter, and says what it is

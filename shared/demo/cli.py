@@ -81,8 +81,11 @@ def demo_command(
     console.print(f"[green]done in {s['seconds']['total']:.0f} s[/]: {len(s['renders'])} render job(s); revocation of "
                   f"{rv['person']} {'checked' if rv['ok'] else '[red]INCOMPLETE[/]'}; audit logs "
                   f"{'verified' if all(a['ok'] for a in s['audit']) else '[red]FAILED verification[/]'}")
-    for site in s["federation"]["sites"]:
-        per_site = site.get("site_epsilon")
-        console.print(f"{site['site']}: epsilon per photo {site['epsilon']:.3g}, per site "
-                      f"{'n/a' if per_site is None else f'{per_site:.3g}'} (delta {site['delta']:g}, Opacus)")
+    def eps(x) -> str:
+        return "inf (no noise)" if x is None else f"{x:.3g}"
+
+    for site in s["privacy"]:  # after every training run on the site's photos, from the site's own ledger
+        console.print(f"{site['site']}: epsilon per photo {eps(site['per_photo'])}, per person "
+                      f"{eps(site['per_person'])}, per site {eps(site['per_site'])} (delta {site['delta']:g}, "
+                      f"Opacus {site['accountant']})")
     typer.echo(str(outcome.report))

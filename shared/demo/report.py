@@ -61,8 +61,9 @@ def _identity_caption(rec: RenderRecord) -> str:
     return f"{ident}; ITA {_fmt(rec.ita_output, 1)}"
 
 
-def _eps(value: float) -> str:
-    return "infinite (no DP)" if value == float("inf") else f"{value:.2f}"
+def _eps(value: float | None) -> str:
+    """An epsilon for the report; inf (None in JSON) is a release without noise."""
+    return "infinite (no DP)" if value is None or value == float("inf") else f"{value:.2f}"
 
 
 def _curve_section(curve: dict) -> Section:
@@ -140,8 +141,11 @@ def write(path: Path, summary: dict, roster, sites, records: list[RenderRecord],
         vals = [r.identity for r in records if r.variant == variant and r.identity is not None]
         if vals:
             rows.append((f"mean identity, {VARIANTS[variant][0]}", _fmt(float(np.mean(vals)))))
+    for s in summary["privacy"]:
+        rows.append((f"epsilon of {s['site']}, per photo / per person (up to {s['largest_person']} photos) / per site "
+                     f"(every training run on its photos, its own ledger, delta {s['delta']:g})",
+                     " / ".join(_eps(s[k]) for k in ("per_photo", "per_person", "per_site"))))
     for s in fed["sites"]:
-        rows.append((f"epsilon of {s['site']} after the rounds (delta {s['delta']:g})", _fmt(s["epsilon"])))
         rows.append((f"per-site epsilon of {s['site']} (federation noise, coordinator's accountant)",
                      _fmt(s.get("site_epsilon"))))
     rows.append(("revocation complete and checked", _fmt(summary["revocation"]["ok"])))

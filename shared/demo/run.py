@@ -207,6 +207,7 @@ def build_summary(settings, run_dir, roster, sites, fed, adapters, curve, node, 
             "left_out": fed.left_out, "fallbacks": fed.fallbacks, "budget_per_site": fed.budget.get("budget_per_site"),
             "sites": [asdict(s) for s in fed.sites],
         },
+        "privacy": site_privacy_figures(sites, fed),
         "adapters": [{k: v for k, v in asdict(a).items() if k != "adapter"} for a in adapters],
         "privacy_utility": {**asdict(curve), "plot": None if curve.plot is None else str(curve.plot)},
         "render_node": node.node_info,
@@ -219,3 +220,16 @@ def build_summary(settings, run_dir, roster, sites, fed, adapters, curve, node, 
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }
 
+
+
+def site_privacy_figures(sites, fed) -> list[dict]:
+    """Each site's epsilon in the three units after every training run on its photos (global rounds and personal
+    adapters), read from the site's own privacy ledger, as `megaportrait client privacy` prints them."""
+    from megaportrait.client.federation import LEDGER_FILE, SitePrivacyLedger
+
+    out = []
+    for s in sites:
+        path = fed.site_state_dir / s.site_id / LEDGER_FILE
+        if path.is_file():
+            out.append({"site": s.site_id, **SitePrivacyLedger(path).figures().to_json()})
+    return out
