@@ -43,7 +43,7 @@ def privacy_utility(sites: list[Site], adapters: list[AdapterOutcome], settings:
     the outcome says why and holds no points."""
     from megaportrait.shared.base_models import load_base_model
     from megaportrait.shared.consent import ConsentError
-    from megaportrait.shared.evaluation.lira import LiraSettings, privacy_utility_curve
+    from megaportrait.shared.evaluation.lira import LiraSettings, curve_point_dict, privacy_utility_curve
     from megaportrait.shared.evaluation.plots import plot_privacy_utility
 
     started = time.perf_counter()
@@ -63,7 +63,7 @@ def privacy_utility(sites: list[Site], adapters: list[AdapterOutcome], settings:
                                                                   "and consent), so there is no person to hold out")
     lira = LiraSettings(curve_noise=CURVE_NOISE, curve_steps=settings.adapter_steps, seed=settings.seed)
     components = load_base_model(None, seed=settings.seed).components
-    points = [asdict(p) for p in privacy_utility_curve(components, people, lira, private_noise=True)]
+    points = [curve_point_dict(p) for p in privacy_utility_curve(components, people, lira, private_noise=True)]
     plot = plot_privacy_utility(points, out_dir / PLOT_NAME, title=f"Privacy-utility curve ({', '.join(people)}, "
                                 f"{settings.adapter_steps} steps)")
     return CurveOutcome(points=points, people={k: len(v) - 1 for k, v in people.items()}, steps=settings.adapter_steps,

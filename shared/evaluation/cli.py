@@ -31,9 +31,12 @@ def eval_command(
     adapters: Annotated[Optional[int], typer.Option(help="Adapters per privacy arm.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps of the positive control's adapters (the DP arm keeps the production steps).")] = None,
     no_privacy: Annotated[bool, typer.Option("--no-privacy", help="Skip the membership-inference part.")] = False,
+    base_model: Annotated[Optional[Path], typer.Option("--base-model", help="Base diffusion model (diffusers folder or SD-1.5 single file) for the privacy-utility curve's identity axis: its adapters train on it and render with the diffusion backend. The config's render section (MEGAPORTRAIT_CONFIG / MEGAPORTRAIT_RENDER__*) gives diffusion_base_config, diffusion_params and the device.")] = None,
+    diffusion_device: Annotated[Optional[str], typer.Option("--diffusion-device", help="render.diffusion_device for --base-model: auto, cpu, cuda, cuda:1.")] = None,
 ) -> None:
     """Evaluate identity (by stage), fairness (by skin tone), robustness (degraded photos) and privacy (membership
-    inference, DP vs not); write JSON, plots and an HTML summary."""
+    inference, DP vs not, and the privacy-utility curve; with --base-model also its identity axis); write JSON,
+    plots and an HTML summary."""
     from dataclasses import replace
 
     from rich.console import Console
@@ -50,9 +53,28 @@ def eval_command(
         raise typer.Exit(2)
     if extra_faces is None and people == d_people:
         extra_faces = d_hard
+    if diffusion_device is not None and base_model is None:
+        console.print("[red]--diffusion-device applies to --base-model's renders; pass --base-model PATH too")
+        raise typer.Exit(2)
+    if base_model is not None and no_privacy:
+        console.print("[red]--base-model gives the privacy-utility curve its identity axis; drop --no-privacy")
+        raise typer.Exit(2)
+    curve_render = None
+    if base_model is not None:
+        from megaportrait.shared.config import load_settings
+
+        try:
+            render = load_settings().render
+        except MegaPortraitError as exc:
+            console.print(f"[red]settings unreadable ({exc.reason}): {exc}")
+            raise typer.Exit(2) from exc
+        update: dict = {"diffusion_base_model": base_model}
+        if diffusion_device is not None:
+            update["diffusion_device"] = diffusion_device
+        curve_render = render.model_copy(update=update)
     make = EvalConfig.quick_config if quick else EvalConfig
     config = make(people_dir=people, templates_dir=templates, out_dir=out, extra_faces_dir=extra_faces,
-                  privacy=not no_privacy)
+                  privacy=not no_privacy, curve_render=curve_render)
     if max_templates is not None:
         config = replace(config, max_templates=max_templates)
     if adapters is not None:

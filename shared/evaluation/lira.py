@@ -15,14 +15,15 @@ AUC is below `control_min_auc` the audit has no power and no DP result is report
 
 The privacy-utility curve trains on all but one photo of a person at a few noise levels and reports epsilon per
 photo and per person (group of the person's photos, `shared.accounting`) against the denoising loss on the held-out
-photo of the same person.
+photo of the same person, and, given an `IdentityProbe` (a configured base model), the identity of a diffusion render
+of the person's adapter: SFace cosine of the render's face to the held-out photo's embedding.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -153,12 +154,13 @@ def lira_scores(losses: np.ndarray, base: np.ndarray, members: np.ndarray, offse
 
 
 def _train_and_score(components, ts, rows: np.ndarray, settings: IdentitySettings, seed: int, lira: LiraSettings,
-                     loss_seed: int, fixed_noise: bool = True):
+                     loss_seed: int, fixed_noise: bool = True, keep_lora: bool = False):
     """Train a LoRA on `rows` of `ts`, score every row, detach it. `fixed_noise`: DP noise and sampling from `seed`
-    (reproducible, hence not private: fine for adapters the audit discards) instead of the OS's entropy."""
+    (reproducible, hence not private: fine for adapters the audit discards) instead of the OS's entropy.
+    `keep_lora`: also return the trained LoRA's state dict (`client.identity.lora_state_dict`) as a third item."""
     import torch
 
-    from megaportrait.client.identity import attach_lora, detach_lora, train_lora
+    from megaportrait.client.identity import attach_lora, detach_lora, lora_state_dict, train_lora
 
     unet = attach_lora(components["unet"], settings)
     try:
@@ -167,9 +169,10 @@ def _train_and_score(components, ts, rows: np.ndarray, settings: IdentitySetting
             _, report = train_lora(components, _subset(ts, rows), settings, progress=False,
                                    dp_noise_seed=seed if settings.dp_enabled and fixed_noise else None)
         losses = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
+        state = lora_state_dict(unet) if keep_lora else None
     finally:
         detach_lora(unet)
-    return losses, report
+    return (losses, report, state) if keep_lora else (losses, report)
 
 
 def canary_images(n: int, size: int, seed: int) -> list[np.ndarray]:
@@ -285,14 +288,15 @@ def power_verdict(arms: dict[str, dict], min_auc: float) -> tuple[bool, str, dic
 
 
 def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, *,
-                   advance: Callable[[int], None] | None = None) -> dict:
+                   advance: Callable[[int], None] | None = None, probe: IdentityProbe | None = None) -> dict:
     """The audit. pool: face crops ((S, S, 3) uint8) of people other than `people`'s, the per-photo targets; people:
     name -> that person's crops (at least 2; the last is held out), the person-level targets and the curve's data.
 
     Each adapter trains on `photos_per_adapter` pool photos, plus all but the held-out photo of each person drawn
     in for it (probability 1/2 each), plus one canary: 4 to 8 rows, a person's photo count. Three attacks on the
     same adapters: per photo (offline LiRA on the pool photos), per person (offline LiRA on each person's held-out
-    photo: did the adapter train on the person's other photos?) and canary exposure."""
+    photo: did the adapter train on the person's other photos?) and canary exposure. `probe`: the curve's identity
+    axis (its adapters then train on the probe's base model; the audit itself stays on the tiny model)."""
     from megaportrait.client.identity import prepare_training_set
     from megaportrait.shared.base_models import load_base_model
 
@@ -351,7 +355,8 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
         if pool_exec is not None:
             pool_exec.shutdown()
     powered, verdict, arms = power_verdict(arms, lira.control_min_auc)
-    curve = [asdict(p) for p in privacy_utility_curve(components, persons, lira)] if persons else []
+    curve = ([curve_point_dict(p) for p in privacy_utility_curve(components, persons, lira, probe=probe)]
+             if persons else [])
     after = per_crop_losses(components, ts, seed=loss_seed, draws=lira.draws, max_timestep=lira.max_timestep)
     if not np.allclose(after, base, rtol=1e-5, atol=1e-7):
         raise EvaluationError("the base UNet changed during the audit (LoRA not fully detached); results invalid")
@@ -360,6 +365,38 @@ def run_lira_audit(pool: Sequence[np.ndarray], people: dict[str, Sequence[np.nda
             "setting_note": "tiny in-code base model at 64 px with SD-like latents; per-photo targets are pool "
                             "photos of other people; an adapter's rows are its pool photos, the photos of the people "
                             "drawn in and one canary"}
+
+
+CURVE_RENDER_STAGES = ("identity",)
+CURVE_RENDER_PARAMS: dict = {"identity": {"controls": [], "control_scales": []}}
+"""The curve's render job: the identity stage only, as plain SD inpainting of the template's face (no ControlNet,
+so any base model works without ControlNets configured); the node's `diffusion_params` apply beneath it."""
+
+
+@dataclass
+class IdentityProbe:
+    """The curve's identity axis: a `server.render.diffusion.DiffusionBackend` on the configured base model (the
+    render node's code path; its models also train the curve's adapters), one template, and per person the SFace
+    embedding of the held-out photo the render is compared with."""
+
+    backend: Any
+    template: Any  # shared.records.SourceImage
+    template_name: str
+    references: dict[str, np.ndarray]
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RenderIdentity:
+    """One noise level's identity axis: the mean cosine over the people whose render has a face (None when no
+    render has one), each person's cosine (None = no face) and why any is missing."""
+
+    mean_cosine: float | None
+    by_person: dict[str, float | None]
+    faces_found: int
+    note: str | None
+    base_model: dict
+    template: str
 
 
 @dataclass(frozen=True)
@@ -372,17 +409,28 @@ class CurvePoint:
     epsilon_per_person: float
     heldout_denoising_loss: float
     people: int
+    render_identity: RenderIdentity | None = None
+    """Only with an `IdentityProbe`; `curve_point_dict` leaves the key out otherwise."""
+
+
+def curve_point_dict(point: CurvePoint) -> dict:
+    """A CurvePoint for JSON: without a probe, no `render_identity` key (the output is as before the axis)."""
+    out = asdict(point)
+    if point.render_identity is None:
+        out.pop("render_identity")
+    return out
 
 
 def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], lira: LiraSettings, *,
-                          private_noise: bool = False) -> list[CurvePoint]:
+                          private_noise: bool = False, probe: IdentityProbe | None = None) -> list[CurvePoint]:
     """Per noise level in `lira.curve_noise` (None = no DP): each person's adapter trains `lira.curve_steps` steps
     (lr 1e-3, batch `lira.batch_size`) on all but the last of their crops; the held-out loss is the adapter's
     denoising loss on that last crop (fixed draws, shared by every level). Epsilon per photo is Opacus' figure
     (delta `lira.delta`), per person the group-privacy figure over the person's trained photos; the worst person
     counts for both. People with fewer than 2 crops are left out; none left is an error. `private_noise`: DP noise
     and sampling from the OS's entropy (not reproducible) instead of fixed seeds, for real people's photos outside
-    an audit run."""
+    an audit run. `probe`: each adapter is also rendered onto the probe's template (`render_identity`); the adapters
+    then train on the probe's base model (`components` is not used), and every person needs a reference embedding."""
     from megaportrait.client.identity import prepare_training_set
     from megaportrait.shared.accounting import epsilon, group_history
 
@@ -392,17 +440,25 @@ def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], l
                               f"got {', '.join(f'{k}: {len(v)}' for k, v in sorted(people.items())) or 'nobody'}")
     if not lira.curve_noise:
         raise EvaluationError("the privacy-utility curve needs at least one noise level (curve_noise is empty)")
+    if probe is not None:
+        missing = sorted(set(usable) - set(probe.references))
+        if missing:
+            raise EvaluationError(f"the curve's identity axis has no held-out photo embedding for {missing}")
+        components = probe.backend.models.components
     plain = IdentitySettings(resolution=lira.resolution, prior_preservation=False)
     sets = {name: sd_like(prepare_training_set(components, crops, plain)) for name, crops in usable.items()}
     points = []
     for z in lira.curve_noise:
         arm = ArmSettings(f"z={z}", lira.curve_steps, 1e-3, z)
-        held, eps_photo, eps_person = [], [], []
+        held, eps_photo, eps_person, cosines = [], [], [], {}
         for i, (name, crops) in enumerate(usable.items()):
             settings = arm.identity_settings(lira, lira.seed + i)
             train = np.arange(len(crops) - 1)
-            losses, report = _train_and_score(components, sets[name], train, settings, lira.seed + i, lira,
-                                              lira.seed + 20_000, fixed_noise=not private_noise)
+            losses, report, *state = _train_and_score(components, sets[name], train, settings, lira.seed + i, lira,
+                                                      lira.seed + 20_000, fixed_noise=not private_noise,
+                                                      keep_lora=probe is not None)
+            if probe is not None:
+                cosines[name] = _render_cosine(probe, name, settings, state[0], report, f"z={z}")
             held.append(float(losses[-1]))
             if report.epsilon is None:
                 eps_photo.append(math.inf)
@@ -413,5 +469,42 @@ def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], l
                 eps_person.append(epsilon(group_history(hist, len(train)), lira.delta))
         points.append(CurvePoint(noise_multiplier=z, epsilon_per_photo=max(eps_photo),
                                  epsilon_per_person=max(eps_person), heldout_denoising_loss=float(np.mean(held)),
-                                 people=len(held)))
+                                 people=len(held),
+                                 render_identity=None if probe is None else _render_identity(probe, cosines)))
     return points
+
+
+def _render_cosine(probe: IdentityProbe, name: str, settings: IdentitySettings, lora_state: dict, report,
+                   level: str) -> float | None:
+    """Render the person's freshly trained adapter onto the probe's template with the diffusion backend and score
+    the render's face against the held-out photo; None when no face is detected in the render."""
+    from megaportrait.shared.logs import short_hash
+    from megaportrait.shared.portrait_metrics import identity_cosine, output_face
+    from megaportrait.shared.records import IdentityAdapter, StageSwitches
+
+    backend = probe.backend
+    ref = short_hash(f"curve:{name}")
+    adapter = IdentityAdapter(person_ref=ref, token=settings.token, rank=settings.rank, alpha=settings.alpha,
+                              target_modules=tuple(settings.target_modules), lora_state=lora_state,
+                              base_model=backend.models.base_model, privacy=report, photo_sha256=())
+    stages = StageSwitches(**{s: s in CURVE_RENDER_STAGES for s in ("identity", "shading", "harmonize")})
+    portrait = backend.render(f"privacy-curve-{level}-{ref}", probe.template, adapter, stages=stages,
+                              seed=probe.seed, params=CURVE_RENDER_PARAMS, progress=lambda stage, frac: None)
+    face = output_face(backend.analyzer, portrait.pixels, mesh=False)
+    cos = identity_cosine(face, probe.references[name])
+    log.info("privacy curve %s, %s: render identity %s", level, ref, "no face" if cos is None else f"{cos:.3f}")
+    return cos
+
+
+def _render_identity(probe: IdentityProbe, cosines: dict[str, float | None]) -> RenderIdentity:
+    found = [c for c in cosines.values() if c is not None]
+    missing = [k for k, c in cosines.items() if c is None]
+    base = probe.backend.models.base_model
+    return RenderIdentity(
+        mean_cosine=float(np.mean(found)) if found else None,
+        by_person={k: None if c is None else round(float(c), 4) for k, c in cosines.items()},
+        faces_found=len(found),
+        note=(f"no face detected in the render for {len(missing)} of {len(cosines)} people ({', '.join(missing)}): "
+              "no identity score for them" if missing else None),
+        base_model={"name": base.name, "sha256": base.sha256, "kind": base.kind},
+        template=probe.template_name)

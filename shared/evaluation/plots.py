@@ -163,8 +163,35 @@ def draw_privacy_utility(cx, curve: list[dict], title: str = "Privacy-utility cu
         cx.xaxis.set_minor_formatter(NullFormatter())
         cx.set_xlabel("epsilon (delta 1e-5, Opacus RDP)")
         cx.set_ylabel("held-out denoising loss (lower = better)")
-        cx.legend(fontsize=7)
+        handles, labels = cx.get_legend_handles_labels()
+        if any(r.get("render_identity") for r in points):
+            handles, labels = _draw_render_identity(cx, curve, points, handles, labels)
+        cx.legend(handles, labels, fontsize=7)
     cx.set_title(title, fontsize=10)
+
+
+def _draw_render_identity(cx, curve: list[dict], points: list[dict], handles: list, labels: list) -> tuple[list, list]:
+    """Second utility axis (right): render identity (SFace cosine) against epsilon per photo; a level whose renders
+    had no face is marked on the x axis with a cross, and the no-DP level is a horizontal line."""
+    ix = cx.twinx()
+    scored = [r for r in points if (r.get("render_identity") or {}).get("mean_cosine") is not None]
+    if scored:
+        line, = ix.plot([r["epsilon_per_photo"] for r in scored], [r["render_identity"]["mean_cosine"] for r in scored],
+                        "D-", color="tab:purple", label="render identity (eps per photo)")
+        handles, labels = handles + [line], labels + [line.get_label()]
+    faceless = [r for r in points if (r.get("render_identity") or {}).get("mean_cosine") is None]
+    if faceless:
+        mark = ix.scatter([r["epsilon_per_photo"] for r in faceless], [0.0] * len(faceless), marker="x",
+                          color="tab:purple", label="render: no face (no identity)")
+        handles, labels = handles + [mark], labels + [mark.get_label()]
+    nodp = [r for r in curve if r["noise_multiplier"] is None and (r.get("render_identity") or {}).get("mean_cosine")
+            is not None]
+    if nodp:
+        line = ix.axhline(nodp[0]["render_identity"]["mean_cosine"], color="tab:purple", ls=":",
+                          label="render identity, no DP")
+        handles, labels = handles + [line], labels + [line.get_label()]
+    ix.set_ylabel("render identity, SFace cosine (higher = better)", color="tab:purple")
+    return handles, labels
 
 
 def plot_privacy_utility(curve: list[dict], path: Path, title: str = "Privacy-utility curve") -> Path:

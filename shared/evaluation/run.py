@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from megaportrait.shared.config import FaceSettings
+from megaportrait.shared.config import FaceSettings, RenderSettings
 from megaportrait.shared.face_analysis import SFACE_THRESHOLD, FaceAnalyzer
 from megaportrait.shared.report import json_default
 
 from .dataset import EvaluationError, find_folders, prepare_data, spread_over_bands
 from .identity import ABLATIONS, run_ablation, summarise
-from .lira import ArmSettings, LiraSettings, run_lira_audit
+from .lira import ArmSettings, IdentityProbe, LiraSettings, run_lira_audit
 from .privacy import face_pool, photos_in
 from .robustness import DEGRADATIONS, Degradation, run_robustness, summarise_robustness
 
@@ -46,6 +46,10 @@ class EvalConfig:
     extra_faces_dir: more photos whose faces only enlarge the privacy audit's pool (any faces, none refused).
     max_templates / max_photos_per_person: subsets (None = all); templates are spread over skin-tone bands.
     robustness_templates / robustness_photos_per_person: the subset used for the degraded-photo renders.
+    curve_render: the render section whose diffusion settings (`diffusion_base_model`, `diffusion_base_config`,
+        `diffusion_device`, `diffusion_params`) give the privacy-utility curve its identity axis: its adapters
+        train on that base model and render with the diffusion backend. None (or no `diffusion_base_model`) = no
+        identity axis. The models load in float32 whatever `diffusion_fp16` says, since the adapters train on them.
     torch_threads: torch's CPU threads during the run. 1 by default: with OpenCV loaded, torch's OpenMP pool at 2+
         threads on a busy 2-core machine was measured 30-40x slower per UNet forward (competing OpenMP runtimes).
     """
@@ -62,6 +66,7 @@ class EvalConfig:
     degradations: tuple[Degradation, ...] = DEGRADATIONS
     attack: LiraSettings = field(default_factory=LiraSettings)
     privacy: bool = True
+    curve_render: RenderSettings | None = None
     torch_threads: int = 1
     quick: bool = False
 
@@ -78,6 +83,10 @@ class EvalConfig:
 
 def _json_config(config: EvalConfig) -> dict:
     out = asdict(config)
+    if config.curve_render is not None:
+        out["curve_render"] = config.curve_render.model_dump(mode="json")
+    else:
+        out.pop("curve_render")  # no identity axis: eval.json's config as before the option existed
     out["degradations"] = [{"kind": d.kind, "unit": d.unit, "levels": list(d.levels)} for d in config.degradations]
     return json.loads(json.dumps(out, default=str))
 
@@ -99,6 +108,7 @@ def run_evaluation(config: EvalConfig, *, backend=None, analyzer: FaceAnalyzer |
     started = time.time()
     settings = FaceSettings()
     analyzer = analyzer or FaceAnalyzer(settings)
+    curve_models = load_curve_models(config)  # before any work: a missing base model fails at once, named
     if backend is None:
         from megaportrait.server.render.classic import ClassicBackend
 
@@ -148,11 +158,21 @@ def run_evaluation(config: EvalConfig, *, backend=None, analyzer: FaceAnalyzer |
                     dirs.append(config.extra_faces_dir)
                 size = config.attack.resolution
                 crops, labels = face_pool(photos_in(dirs), analyzer, size=size)
-                people = {p.name: face_pool(photos_in([config.people_dir / p.name]), analyzer, size=size)[0]
-                          for p in data.people}
+                pools = {p.name: face_pool(photos_in([config.people_dir / p.name]), analyzer, size=size)
+                         for p in data.people}
+                people = {name: pool[0] for name, pool in pools.items()}
+                probe = None
+                if curve_models is not None:
+                    from megaportrait.server.render.diffusion import DiffusionBackend
+
+                    probe = IdentityProbe(
+                        backend=DiffusionBackend(config.curve_render, models=curve_models, analyzer=analyzer),
+                        template=data.templates[0].image, template_name=data.templates[0].name,
+                        references=held_out_references(config.people_dir, pools, analyzer))
                 task = progress.add_task("privacy: LiRA adapters (steps)",
                                          total=config.attack.adapters * sum(a.steps for a in config.attack.arms))
-                privacy = run_lira_audit(crops, people, config.attack, advance=lambda n: progress.advance(task, n))
+                privacy = run_lira_audit(crops, people, config.attack, advance=lambda n: progress.advance(task, n),
+                                         probe=probe)
                 privacy["pool"] = labels[: config.attack.pool_size]
                 timings["privacy"] = time.time() - t
     finally:
@@ -196,6 +216,38 @@ def run_evaluation(config: EvalConfig, *, backend=None, analyzer: FaceAnalyzer |
     result["headline"] = headline(result)
     examples_out = {f"template {example_key[1]}" if s == "none" else f"{s}": px for s, px in examples.items()}
     return result, examples_out
+
+
+def load_curve_models(config: EvalConfig):
+    """The curve's diffusion models (`server.render.diffusion.models.load_models`, float32), or None when no base
+    model is configured. Raises ModelNotFound naming a missing path."""
+    render = config.curve_render
+    if render is None or render.diffusion_base_model is None:
+        return None
+    from megaportrait.server.render.diffusion.models import load_models
+
+    return load_models(render.model_copy(update={"diffusion_fp16": False}))
+
+
+def held_out_references(people_dir: Path, pools: dict[str, tuple[list, list[str]]], analyzer: FaceAnalyzer,
+                        ) -> dict[str, np.ndarray]:
+    """Per person with 2+ crops, the SFace embedding of the face their last crop (the curve's held-out one) came
+    from, computed on the original photo (`face_pool` labels crops "<file>#<face index>")."""
+    from megaportrait.shared.imaging import load_image
+
+    refs = {}
+    for name, (crops, labels) in pools.items():
+        if len(crops) < 2:
+            continue
+        file, index = labels[-1].rsplit("#", 1)
+        path = next(p for p in photos_in([people_dir / name]) if p.name == file)
+        image = load_image(path)
+        face = analyzer.embed(image, analyzer.detect(image)[int(index)])
+        if face.embedding is None:
+            raise EvaluationError(f"no SFace embedding for {name}'s held-out photo {file}: the curve's identity "
+                                  "axis has nothing to compare its render with")
+        refs[name] = face.embedding
+    return refs
 
 
 def _fallback_counts(scores) -> dict[str, int]:

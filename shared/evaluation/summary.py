@@ -106,16 +106,42 @@ def sections(result: dict, examples: dict[str, np.ndarray], paths: dict[str, Pat
                          a.get("canary", {}).get("exposure_mean", "-")])
         psec.tables.append((["arm", "AUC", "95% CI", "TPR @ FPR 1%", "TPR @ FPR 0.1%", "epsilon per photo",
                              "bound on TPR @ 1%", "person-level AUC", "canary exposure"], rows))
-        psec.tables.append((["noise multiplier", "epsilon per photo", "epsilon per person",
-                             "held-out denoising loss"],
+        curve = priv.get("curve", [])
+        with_identity = any("render_identity" in r for r in curve)
+        psec.tables.append((["noise multiplier", "epsilon per photo", "epsilon per person", "held-out denoising loss"]
+                            + (["render identity (SFace cosine to the held-out photo)"] if with_identity else []),
                             [["none" if r["noise_multiplier"] is None else r["noise_multiplier"],
                               r["epsilon_per_photo"], r["epsilon_per_person"], r["heldout_denoising_loss"]]
-                             for r in priv.get("curve", [])]))
+                             + ([_render_identity_cell(r.get("render_identity"))] if with_identity else [])
+                             for r in curve]))
+        psec.paragraphs.append(_curve_identity_note(curve))
         if "privacy_plot" in paths:
             psec.image_rows.append([Figure(_png(paths["privacy_plot"]), "LiRA ROC and privacy-utility curve",
                                            max_side=1000, height=440)])
         out.append(psec)
     return out
+
+
+def _render_identity_cell(ri: dict | None) -> str:
+    if ri is None:
+        return "-"
+    if ri["mean_cosine"] is None:
+        return "none: no face detected in any render"
+    missing = len(ri["by_person"]) - ri["faces_found"]
+    return f"{ri['mean_cosine']:.3f}" + (f" ({missing} render(s) without a face left out)" if missing else "")
+
+
+def _curve_identity_note(curve: list[dict]) -> str:
+    """What the curve's identity axis rests on, or that it needs a configured base model."""
+    ri = next((r["render_identity"] for r in curve if r.get("render_identity")), None)
+    if ri is None:
+        return ("Identity on the privacy-utility curve needs a configured base model (megaportrait eval --base-model "
+                "PATH); this run has the held-out denoising loss only.")
+    base = ri["base_model"]
+    return (f"Render identity: each noise level's adapter, trained on base model {base['name']} ({base['kind']}, "
+            f"UNet {base['sha256'][:12]}), renders the person onto template {ri['template']} with the diffusion "
+            "backend (identity stage only, plain inpainting); the render's face is compared with the held-out photo "
+            "(SFace cosine). A render without a detectable face has no score.")
 
 
 def write_summary(result: dict, examples: dict[str, np.ndarray], paths: dict[str, Path], path: Path) -> Path:

@@ -116,3 +116,66 @@ def test_outputs_plots_and_html(quick_eval):
         assert title in html
     assert len(re.findall(r"data:image/png;base64,", html)) >= 4 + 4  # 4 plots + 4 example renders
     assert set(res) >= {"meta", "identity", "fairness", "robustness", "privacy", "headline"}
+
+
+def test_without_base_model_the_curve_has_no_identity_axis_and_says_why(quick_eval):
+    """No --base-model: eval.json's curve and config are as before the option (no identity keys), and the report
+    says the identity axis needs a configured base model."""
+    res, out = quick_eval
+    assert all("render_identity" not in r for r in res["privacy"]["curve"])
+    assert "curve_render" not in res["meta"]["config"]
+    assert "Identity on the privacy-utility curve needs a configured base model" in (out / "report.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusers_dir(tmp_path_factory) -> Path:
+    """The tiny in-code model saved in diffusers layout: a base-model path that loads offline."""
+    from megaportrait.shared.base_models import load_base_model
+
+    path = tmp_path_factory.mktemp("tiny-base")
+    load_base_model(None).pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_base_model_gives_the_curve_a_render_identity_axis(shared_data: Path, tiny_diffusers_dir: Path,
+                                                          tmp_path: Path):
+    """--base-model: each noise level's adapter trains on that model and renders with the diffusion backend; the
+    tiny random model draws no face, so identity is None with that reason (no made-up number), recorded in
+    eval.json, the report table and the plot's second axis."""
+    from megaportrait.shared.cli import app
+
+    params = json.dumps({"resolution": 64, "scheduler": "ddim", "identity": {"steps": 2}})
+    result = CliRunner().invoke(app, ["eval", "--quick", "--people", str(shared_data / "people"), "--templates",
+                                      str(shared_data / "templates"), "--extra-faces", str(shared_data / "hard"),
+                                      "--out", str(tmp_path), "--base-model", str(tiny_diffusers_dir),
+                                      "--diffusion-device", "cpu"],
+                                env={"MEGAPORTRAIT_RENDER__DIFFUSION_PARAMS": params})
+    assert result.exit_code == 0, result.output
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["meta"]["config"]["curve_render"]["diffusion_base_model"] == str(tiny_diffusers_dir)
+    curve = res["privacy"]["curve"]
+    assert [r["noise_multiplier"] for r in curve] == [None, 1.0]
+    for r in curve:
+        ri = r["render_identity"]
+        assert ri["base_model"]["kind"] == "diffusers-dir" and ri["template"]
+        people = set(ri["by_person"])
+        assert people and people <= set(res["meta"]["people"])
+        assert ri["mean_cosine"] is None and ri["faces_found"] == 0
+        assert set(ri["by_person"].values()) == {None}
+        assert "no face detected in the render" in ri["note"]
+    html = (tmp_path / "report.html").read_text()
+    assert "render identity (SFace cosine to the held-out photo)" in html
+    assert "none: no face detected in any render" in html and "needs a configured base model" not in html
+
+
+def test_missing_base_model_fails_naming_the_path(shared_data: Path, tmp_path: Path):
+    from megaportrait.shared.cli import app
+
+    missing = tmp_path / "no-such-model"
+    result = CliRunner().invoke(app, ["eval", "--quick", "--people", str(shared_data / "people"), "--templates",
+                                      str(shared_data / "templates"), "--out", str(tmp_path / "out"),
+                                      "--base-model", str(missing)])
+    assert result.exit_code == 1
+    assert "model_not_found" in result.output and str(missing) in result.output.replace("\n", "")
+    assert not (tmp_path / "out" / "eval.json").exists()
