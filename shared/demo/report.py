@@ -89,8 +89,9 @@ def _curve_section(curve: dict) -> Section:
         f"trend. Here the held-out loss spans {lo:.4f} to {hi:.4f} ({100 * (hi - lo) / lo:.2f} % apart) across the "
         "noise levels; from one held-out photo, a few steps and the tiny random base model that is no evidence "
         "that any noise level costs or keeps quality. benchmarks/results/eval/privacy_audit.json holds the "
-        "full-size curve beside the membership audit, and only a real base model can show whether the portraits' "
-        "identity suffers.",
+        "full-size curve beside the membership audit. Identity on this curve needs a configured base model "
+        "(megaportrait eval --base-model PATH renders each noise level's adapter and scores its face); the demo has "
+        "only the tiny random model, so it has none.",
         f"Took {curve['seconds']:.0f} s.",
     ]
     sec.tables.append((("noise multiplier z", "epsilon per photo", "epsilon per person", "held-out denoising loss",
