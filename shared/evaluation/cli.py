@@ -64,7 +64,8 @@ def eval_command(
         from megaportrait.shared.config import load_settings
 
         try:
-            render = load_settings().render
+            loaded = load_settings()
+            render, curve_resolution = loaded.render, loaded.identity.resolution
         except MegaPortraitError as exc:
             console.print(f"[red]settings unreadable ({exc.reason}): {exc}")
             raise typer.Exit(2) from exc
@@ -75,6 +76,8 @@ def eval_command(
     make = EvalConfig.quick_config if quick else EvalConfig
     config = make(people_dir=people, templates_dir=templates, out_dir=out, extra_faces_dir=extra_faces,
                   privacy=not no_privacy, curve_render=curve_render)
+    if curve_render is not None:  # the curve's adapters train at the site's identity.resolution on the real model
+        config = replace(config, attack=replace(config.attack, curve_resolution=curve_resolution))
     if max_templates is not None:
         config = replace(config, max_templates=max_templates)
     if adapters is not None:

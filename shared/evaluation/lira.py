@@ -81,6 +81,9 @@ class LiraSettings:
     """Processes training adapters at once (each with one torch thread and its own copy of the tiny model)."""
     curve_noise: tuple[float | None, ...] = (None, 4.0, 2.0, 1.0, 0.5)
     curve_steps: int = 30
+    curve_resolution: int | None = None
+    """Training resolution of the curve's adapters (None: `resolution`); with a real base model, the site's
+    `identity.resolution`, so the adapters rendered for the identity axis are trained as the product trains them."""
     seed: int = 0
 
 
@@ -445,14 +448,15 @@ def privacy_utility_curve(components, people: dict[str, Sequence[np.ndarray]], l
         if missing:
             raise EvaluationError(f"the curve's identity axis has no held-out photo embedding for {missing}")
         components = probe.backend.models.components
-    plain = IdentitySettings(resolution=lira.resolution, prior_preservation=False)
+    resolution = lira.curve_resolution or lira.resolution
+    plain = IdentitySettings(resolution=resolution, prior_preservation=False)
     sets = {name: sd_like(prepare_training_set(components, crops, plain)) for name, crops in usable.items()}
     points = []
     for z in lira.curve_noise:
         arm = ArmSettings(f"z={z}", lira.curve_steps, 1e-3, z)
         held, eps_photo, eps_person, cosines = [], [], [], {}
         for i, (name, crops) in enumerate(usable.items()):
-            settings = arm.identity_settings(lira, lira.seed + i)
+            settings = arm.identity_settings(lira, lira.seed + i).model_copy(update={"resolution": resolution})
             train = np.arange(len(crops) - 1)
             losses, report, *state = _train_and_score(components, sets[name], train, settings, lira.seed + i, lira,
                                                       lira.seed + 20_000, fixed_noise=not private_noise,

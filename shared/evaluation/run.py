@@ -158,7 +158,10 @@ def run_evaluation(config: EvalConfig, *, backend=None, analyzer: FaceAnalyzer |
                     dirs.append(config.extra_faces_dir)
                 size = config.attack.resolution
                 crops, labels = face_pool(photos_in(dirs), analyzer, size=size)
-                pools = {p.name: face_pool(photos_in([config.people_dir / p.name]), analyzer, size=size)
+                # People's crops also feed the curve, whose adapters may train larger (`curve_resolution`); training
+                # resizes every crop to its own resolution.
+                person_size = max(size, config.attack.curve_resolution or size)
+                pools = {p.name: face_pool(photos_in([config.people_dir / p.name]), analyzer, size=person_size)
                          for p in data.people}
                 people = {name: pool[0] for name, pool in pools.items()}
                 probe = None

@@ -150,10 +150,14 @@ def test_base_model_gives_the_curve_a_render_identity_axis(shared_data: Path, ti
                                       str(shared_data / "templates"), "--extra-faces", str(shared_data / "hard"),
                                       "--out", str(tmp_path), "--base-model", str(tiny_diffusers_dir),
                                       "--diffusion-device", "cpu"],
-                                env={"MEGAPORTRAIT_RENDER__DIFFUSION_PARAMS": params})
+                                env={"MEGAPORTRAIT_RENDER__DIFFUSION_PARAMS": params,
+                                     "MEGAPORTRAIT_IDENTITY__RESOLUTION": "96"})
     assert result.exit_code == 0, result.output
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["meta"]["config"]["curve_render"]["diffusion_base_model"] == str(tiny_diffusers_dir)
+    # the curve's adapters train as the site trains them on that model (identity.resolution), the audit's at 64
+    assert res["meta"]["config"]["attack"]["curve_resolution"] == 96
+    assert res["meta"]["config"]["attack"]["resolution"] == 64
     curve = res["privacy"]["curve"]
     assert [r["noise_multiplier"] for r in curve] == [None, 1.0]
     for r in curve:
