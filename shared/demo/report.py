@@ -143,8 +143,8 @@ def write(path: Path, summary: dict, roster, sites, records: list[RenderRecord],
         if vals:
             rows.append((f"mean identity, {VARIANTS[variant][0]}", _fmt(float(np.mean(vals)))))
     for s in summary["privacy"]:
-        rows.append((f"epsilon of {s['site']}, per photo / per person (up to {s['largest_person']} photos) / per site "
-                     f"(every training run on its photos, its own ledger, delta {s['delta']:g})",
+        rows.append((f"epsilon of {s['site']}, per photo (every training run on its photos) / per person (up to "
+                     f"{s['largest_person']} photos, global adapter) / per site (its own ledger, delta {s['delta']:g})",
                      " / ".join(_eps(s[k]) for k in ("per_photo", "per_person", "per_site"))))
     for s in fed["sites"]:
         rows.append((f"per-site epsilon of {s['site']} (federation noise, coordinator's accountant)",
