@@ -232,7 +232,7 @@ def write(path: Path, summary: dict, roster, sites, records: list[RenderRecord],
         "shared.portrait_metrics.collateral_change, from the render's metadata). Variants switch stages off: "
         "identity only is the naive paste.")
     rsec.tables.append((("person", "template", "variant", "identity", "verified", "vs pasted", "ITA person",
-                         "ITA template", "ITA portrait", "tone kept", "collateral %", "fallbacks", "render s (node)"),
+                         "ITA template", "ITA portrait", "tone kept", "collateral %", "fallbacks", "seconds at node"),
                         [(r.person, r.template, r.variant, _fmt(r.identity),
                           _fmt(None if r.identity is None else r.identity >= SFACE_THRESHOLD), _fmt(r.identity_payload),
                           _fmt(r.ita_person, 1), _fmt(r.ita_template, 1), _fmt(r.ita_output, 1), _fmt(r.tone_kept),
