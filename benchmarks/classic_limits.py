@@ -5,8 +5,9 @@ and two hard-edged pastes without shading, tone, grain or blend: the person's wh
 same region limited to the template's face region below its hairline (`cut`, what issue 17 requires), so the cost of
 that limit is seen apart from the blending's. For the flat, light template 022107 it computes the lighting figure of
 an ideal render (the template's own luminance with the pasted area scaled to the render's face level) and the face
-level that 0.9 would need, with the box ITA that level would give. Writes benchmarks/results/classic_limits.json.
-Run: `.venv/bin/python benchmarks/classic_limits.py` (about a minute on two cores).
+level that 0.9 would need, with the box ITA that level would give; per pair, a tone-invariant reading of the
+lighting figure (`lighting_in_face`). Writes benchmarks/results/classic_limits.json. Run:
+`.venv/bin/python benchmarks/classic_limits.py` (about a minute on two cores).
 """
 from __future__ import annotations
 
@@ -85,6 +86,27 @@ def lighting_bound(analyzer, template, render) -> dict:
             "box_ita_template": round(box_ita(template.pixels, t_box), 1)}
 
 
+def lighting_in_face(render, template) -> float:
+    """A tone-invariant reading of the same lighting figure, for the decision issue 17 needs: Pearson correlation
+    of low-pass log L* over the template's face box, counting only pixels inside the blend mask's core (where the
+    render shows the person's skin and the template its own face). A uniform change of the face's skin tone is a
+    constant shift of log L* there, which a correlation ignores; the hair and background around the face, whose
+    contrast with a darker or lighter face the box figure scores, are left out."""
+    from megaportrait.shared import portrait_metrics as pm
+
+    box, core = render.template_face.box, render.blend_mask > 0.9
+    rows, cols = pm._box_slice(box, core.shape)
+    size = (pm.LIGHTING_SIZE, pm.LIGHTING_SIZE)
+
+    def low(pixels: np.ndarray) -> np.ndarray:
+        log_l = np.log(np.maximum(pm.lightness(pixels)[rows, cols].astype(np.float64), 1.0))
+        return cv2.GaussianBlur(cv2.resize(log_l, size, interpolation=cv2.INTER_AREA), (0, 0), pm.LIGHTING_SIGMA)
+
+    inside = cv2.resize(core[rows, cols].astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0.99
+    a, b = low(render.portrait.pixels)[inside], low(template.pixels)[inside]
+    return _correlation(a - a.mean(), b - b.mean())
+
+
 def main() -> dict:
     from megaportrait.client.faces import face_crop_set, intake_photos
     from megaportrait.server.render.classic import ClassicBackend
@@ -120,6 +142,7 @@ def main() -> dict:
                 if name == "final":
                     row[name]["lighting"] = pm.lighting_correlation(render.portrait.pixels, template.pixels,
                                                                     render.template_face.box)
+                    row[name]["lighting_in_face"] = lighting_in_face(render, template)
                     if path.stem == LIGHT_TEMPLATE:
                         bound = lighting_bound(analyzer, template, render)
                         bound["box_ita_person"] = round(float(np.median(
@@ -127,7 +150,8 @@ def main() -> dict:
                              for p in sorted((DATA / "people" / person).glob("*.jpg"))])), 1)
                         bounds[person] = bound
             pairs.append(row)
-            print(path.stem, person, " ".join(f"{n}={row[n]['identity']:.3f}" for n in variants), flush=True)
+            print(path.stem, person, " ".join(f"{n}={row[n]['identity']:.3f}" for n in variants),
+                  f"lighting={row['final']['lighting']:.3f} in_face={row['final']['lighting_in_face']:.3f}", flush=True)
 
     def mean(name: str, key: str = "identity", person: str | None = None) -> float:
         return round(float(np.mean([r[name][key] for r in pairs if person in (None, r["person"])])), 3)
@@ -135,6 +159,10 @@ def main() -> dict:
     summary = {name: {"identity_mean": mean(name), "leak_mean": mean(name, "leak"),
                       **{f"identity_{p}": mean(name, person=p) for p in people},
                       "identity_min": round(min(r[name]["identity"] for r in pairs), 3)} for name in variants}
+    finals = [r["final"] for r in pairs]
+    summary["final"].update(lighting_min=round(min(f["lighting"] for f in finals), 3),
+                            lighting_in_face_min=round(min(f["lighting_in_face"] for f in finals), 3),
+                            lighting_in_face_mean=round(float(np.mean([f["lighting_in_face"] for f in finals])), 3))
     result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "photo_1_vs_reference": {p: round(v[2], 3) for p, v in people.items()},
               "stages": summary, f"lighting_bound_{LIGHT_TEMPLATE}": bounds,

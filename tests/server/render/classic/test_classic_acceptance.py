@@ -196,7 +196,9 @@ def test_template_hair_and_background_are_kept(results):
                    "0.40 and 0.71; 0.9 needs the face at 0.86 and 0.84 x (L* 66.7 vs 56.8, 65.1 vs 60.1), i.e. box "
                    "ITA 44.2 for biden (his 10.0, template 61.4: tone lost) and 27.8 for obama (his 20.6): lightening "
                    "the person's skin (benchmarks/classic_limits.py). Finer shading (0.03, 0.015) reaches 0.77-0.84 "
-                   "with identity 0.26-0.38 and leak up to 0.64; the other 18 pairs reach 0.9")
+                   "with identity 0.26-0.38 and leak up to 0.64; the other 18 pairs reach 0.9. A tone-invariant "
+                   "reading (low-pass log L* inside the face only) is 0.78 and 0.83 there: on this flat-lit face the "
+                   "low-pass pattern is mostly the template's own features, which the person's replace")
 def test_lighting_belongs_to_the_template(results):
     lighting = {(r.template, r.person): round(r.figures.lighting, 3) for r in results}
     assert np.mean(list(lighting.values())) >= 0.9
