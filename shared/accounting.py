@@ -77,8 +77,8 @@ class PrivacyFigures:
         def f(x: float) -> str:
             return "inf (no noise)" if math.isinf(x) else f"{x:.3g}"
         return [f"per photo:  epsilon {f(self.per_photo)} (local DP-SGD, every run on the site's photos)",
-                f"per person: epsilon {f(self.per_person)} (all of one person's photos, up to {self.largest_person}, in "
-                "the shared global adapter; a personal adapter models its person: its per-photo figure bounds it)",
+                f"per person: epsilon {f(self.per_person)} (all of one person's photos, up to {self.largest_person}, "
+                "in the shared global adapter; a personal adapter models its person: its per-photo figure bounds it)",
                 f"per site:   epsilon {f(self.per_site)} (federation noise on the sum of updates)",
                 f"delta {self.delta:g}, Opacus {self.accountant} accountant"]
 

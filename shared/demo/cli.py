@@ -86,6 +86,6 @@ def demo_command(
 
     for site in s["privacy"]:  # after every training run on the site's photos, from the site's own ledger
         console.print(f"{site['site']}: epsilon per photo {eps(site['per_photo'])}, per person "
-                      f"{eps(site['per_person'])} (global adapter), per site {eps(site['per_site'])} (delta {site['delta']:g}, "
-                      f"Opacus {site['accountant']})")
+                      f"{eps(site['per_person'])} (global adapter), per site {eps(site['per_site'])} "
+                      f"(delta {site['delta']:g}, Opacus {site['accountant']})")
     typer.echo(str(outcome.report))

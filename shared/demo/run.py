@@ -221,7 +221,6 @@ def build_summary(settings, run_dir, roster, sites, fed, adapters, curve, node, 
     }
 
 
-
 def site_privacy_figures(sites, fed) -> list[dict]:
     """Each site's epsilon in the three units after every training run on its photos (global rounds and personal
     adapters), read from the site's own privacy ledger, as `megaportrait client privacy` prints them."""
